@@ -196,3 +196,26 @@ def test_xca_cadml_with_its_patient_groups(tmp_path, capsys):
     groups = {m["case"]: m["patient_group"] for m in json.loads((XCA / "metadata.json").read_text())}
     assert all(s["patient"] == groups[s["key"]] for s in manifest["samples"])
     shutil.rmtree(out)
+
+
+def test_synth_then_shard_command_lines(tmp_path):
+    """The documented commands: 60 synthetic 256² angiograms -> shards, manifest, splits."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    syn, out = tmp_path / "SYN", tmp_path / "SHARDS"
+    subprocess.run([sys.executable, "tools/synth.py", "--out", str(syn), "--count", "60",
+                    "--size", "256", "--seed", "1"], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "tools/shard.py", "--images", str(syn / "images"),
+                    "--masks", str(syn / "masks"), "--meta", str(syn / "meta.csv"),
+                    "--out", str(out)], cwd=ROOT, check=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 60 and manifest["size"] == 256  # default: the native size
+    assert {"mean", "std"} <= set(manifest) and list(out.glob("*.tar"))
+    splits = json.loads((out / "splits.json").read_text())
+    test = set(splits["test"]["patients"])
+    for pools in splits["ratios"].values():
+        assert not set(pools["pretrain"]["patients"]) & set(pools["finetune"]["patients"])
+        assert not (set(pools["pretrain"]["patients"]) | set(pools["finetune"]["patients"])) & test

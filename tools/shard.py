@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--masks", help="folder of binary masks named like their images")
     parser.add_argument("--meta", help="CSV (image,patient[,spacing_mm]) or JSON metadata")
     parser.add_argument("--out", help="output folder (must not exist, unless --overwrite)")
-    parser.add_argument("--size", type=int, help="output side in pixels (default 512)")
+    parser.add_argument("--size", type=int, help="output side in pixels (default: the first image's shorter side)")
     parser.add_argument("--workers", type=int, help="processes (default: every core)")
     parser.add_argument("--shard-size", type=int, help="samples per shard (default: auto)")
     parser.add_argument("--test-list", help="file of image names: an official test split")

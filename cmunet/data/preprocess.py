@@ -20,7 +20,7 @@ from cmunet.config import check
 
 @dataclass
 class PreprocessConfig:
-    size: int = 512  # output side in pixels (square)
+    size: int = 0  # output side in pixels (square); 0 = the first image's shorter side
     # resize: scale the shorter side to `size`, then centre-crop/pad; crop: centre-crop/pad only.
     fit: Literal["resize", "crop"] = "resize"
     inpaint_corners: bool = True  # fill dark collimator regions that touch the image border
@@ -33,7 +33,7 @@ class PreprocessConfig:
     max_hole_px: int = 20  # fill mask holes smaller than this (at 512 px, scaled by area)
 
     def __post_init__(self) -> None:
-        check(self.size >= 16, "size", "must be at least 16")
+        check(self.size == 0 or self.size >= 16, "size", "must be 0 (native) or at least 16")
         check(0 < self.corner_threshold < 1, "corner_threshold", "must be in (0, 1)")
         check(self.unsharp_radius > 0, "unsharp_radius", "must be positive")
         check(self.unsharp_amount >= 0, "unsharp_amount", "must be >= 0")

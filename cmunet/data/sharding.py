@@ -18,7 +18,7 @@ import os
 import shutil
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterator, Literal
@@ -84,6 +84,8 @@ def build_shards(cfg: ShardConfig, salt: str | None = None, log=print) -> dict:
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     files = find_images(cfg.images)
+    if cfg.preprocess.size == 0:
+        cfg = replace(cfg, preprocess=replace(cfg.preprocess, size=_native_size(files, cfg)))
     masks = _index_masks(cfg.masks) if cfg.masks else {}
     meta = load_meta(cfg.meta) if cfg.meta else None
     salt = salt or os.environ.get("CMUNET_SALT") or os.urandom(16).hex()
@@ -242,6 +244,17 @@ def _samples_of(path: Path, mask_path: Path | None, meta: ImageMeta | None | Exc
             sha256=digest, mean=float(values.mean()), std=float(values.std()),
             dtype=str(pixels.dtype), mask_problem=problem))
     return samples
+
+
+def _native_size(files: list[Path], cfg: ShardConfig) -> int:
+    """The shorter side of the first readable image (the output size when none is given)."""
+    for path in files:
+        try:
+            return min(read_frames(path)[0].pixels.shape)
+        except BadInput:
+            if not cfg.skip_bad:
+                raise
+    raise BadInput(cfg.images, "no readable image")
 
 
 def _meta_for(path: Path, meta: dict[str, ImageMeta] | None) -> ImageMeta | None | BadInput:
