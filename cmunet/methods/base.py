@@ -1,0 +1,42 @@
+"""What every pre-training method provides to the shared training loop.
+
+A method is an ``nn.Module`` that owns its networks. Per optimizer step the loop calls
+``forward(images, gen)`` under autocast -> ``(loss, logs)``; after each optimizer step
+``after_step(progress)`` (EMA updates, queues) -> logs. ``export_state()`` returns the weights
+fine-tuning loads (``encoder.*``/``decoder.*`` in UNet naming) and ``gallery(images, gen)``
+returns rows of named 2-D arrays for the reconstruction figure. Parameters with
+``requires_grad=False`` (momentum copies) are never given to the optimizer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class PretrainMethod(nn.Module):
+    name = "base"
+    parts = {"encoder": "encoder", "decoder": "decoder"}  # UNet part -> attribute exported
+
+    def forward(self, images: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def after_step(self, progress: float) -> dict[str, float]:
+        return {}
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """``{"encoder.<name>": tensor, "decoder.<name>": tensor}`` of the online networks."""
+        state = {}
+        for part, attribute in self.parts.items():
+            module = getattr(self, attribute)
+            state.update({f"{part}.{k}": v for k, v in module.state_dict().items()})
+        return state
+
+    @torch.no_grad()
+    def gallery(self, images: torch.Tensor, gen: torch.Generator) -> list[dict[str, np.ndarray]]:
+        return []
+
+
+def to_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy()

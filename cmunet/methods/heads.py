@@ -1,0 +1,45 @@
+"""Projection/prediction MLPs and the exponential moving average (momentum encoder) update."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """Linear-BN-ReLU-Linear-BN-ReLU-Linear: the CMAE projector and predictor (two hidden layers)."""
+
+    def __init__(self, dim_in: int, hidden: int, dim_out: int):
+        super().__init__(
+            nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, dim_out),
+        )
+
+
+def cosine_momentum(progress: float, start: float, end: float = 1.0) -> float:
+    """EMA momentum rising from ``start`` to ``end`` on a half cosine over training (BYOL)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """target = momentum * target + (1 - momentum) * source for parameters; buffers (BN running
+    statistics, counters) are copied, not averaged."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.lerp_(s.detach().to(t.dtype), 1 - momentum)
+    for t, s in zip(target.buffers(), source.buffers()):
+        t.copy_(s)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy that takes no gradient (a momentum encoder's starting point)."""
+    import copy
+
+    clone = copy.deepcopy(module)
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone

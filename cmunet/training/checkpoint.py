@@ -1,0 +1,75 @@
+"""Resumable DeepSpeed checkpoints: saved on every rank, marked complete, newest compatible resumed.
+
+``save_checkpoint`` lets DeepSpeed write ``<dir>/step_NNNNNNNN/`` from every rank; after a
+barrier rank 0 writes ``cmunet.json`` (the client state and a fingerprint of what must match to
+resume) into it with a temporary name and a rename. A folder without that marker is an
+interrupted save and is never resumed from. Only the newest ``keep`` complete checkpoints stay.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from cmunet.training.distributed import barrier
+
+MARKER = "cmunet.json"
+
+
+def fingerprint(cfg, world_size: int) -> dict:
+    """What a checkpoint must share with this run to be resumed (ZeRO partitions and the data
+    position depend on the world size and batch layout)."""
+    return {"method": cfg.method, "width": cfg.model.width, "view_size": cfg.view_size,
+            "world_size": world_size, "micro_batch": cfg.train.micro_batch,
+            "grad_accum": cfg.train.grad_accum, "zero_stage": cfg.train.zero_stage,
+            "seed": cfg.seed}
+
+
+def complete_checkpoints(folder: Path) -> list[tuple[int, Path, dict]]:
+    """(step, path, marker) of the complete checkpoints, oldest first."""
+    found = []
+    for path in folder.glob("step_*"):
+        marker = path / MARKER
+        if marker.is_file():
+            data = json.loads(marker.read_text())
+            found.append((data["client_state"]["step"], path, data))
+    return sorted(found, key=lambda item: item[0])
+
+
+def find_resumable(folder: Path, want: dict, log=print) -> tuple[str, dict] | None:
+    """(tag, client_state) of the newest complete checkpoint whose fingerprint matches."""
+    for step, path, data in reversed(complete_checkpoints(folder)):
+        if data["fingerprint"] == want:
+            return path.name, data["client_state"]
+        diff = {k: (data["fingerprint"].get(k), v) for k, v in want.items()
+                if data["fingerprint"].get(k) != v}
+        log(f"not resuming from {path}: it was made with another setup {diff} (checkpoint, this run)")
+    return None
+
+
+def save_checkpoint(engine, folder: Path, client_state: dict, want: dict, keep: int,
+                    is_main: bool) -> Path:
+    tag = f"step_{client_state['step']:08d}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
+    barrier()
+    path = folder / tag
+    if is_main:
+        tmp = path / (MARKER + ".tmp")
+        tmp.write_text(json.dumps({"client_state": client_state, "fingerprint": want}, indent=1))
+        tmp.replace(path / MARKER)
+        _prune(folder, keep)
+    barrier()
+    return path
+
+
+def _prune(folder: Path, keep: int) -> None:
+    complete = complete_checkpoints(folder)
+    keep_paths = {p for _, p, _ in complete[-keep:]}
+    newest = complete[-1][0] if complete else -1
+    for path in folder.glob("step_*"):
+        step = int(path.name.split("_")[1])
+        complete_but_old = (path / MARKER).is_file() and path not in keep_paths
+        interrupted = not (path / MARKER).is_file() and step < newest
+        if complete_but_old or interrupted:
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,61 @@
+"""Optimisation pieces: the LR scaling rule, parameter groups, the schedule, DeepSpeed's config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def global_batch(micro_batch: int, grad_accum: int, world_size: int) -> int:
+    return micro_batch * grad_accum * world_size
+
+
+def scaled_lr(base_lr: float, micro_batch: int, grad_accum: int, world_size: int) -> float:
+    """The linear scaling rule lr = base_lr * global_batch / 256 (MAE, CMAE), for any number of
+    ranks and accumulation steps (the reference code hard-coded 16 GPUs)."""
+    return base_lr * global_batch(micro_batch, grad_accum, world_size) / 256
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: weight decay on weights, none on biases and norms
+    (every 1-D tensor). Frozen (momentum) parameters are left out."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
+    """LR multiplier per optimizer step: linear warm-up from 0, then half-cosine to min_ratio."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def deepspeed_config(micro_batch: int, grad_accum: int, world_size: int, zero_stage: int,
+                     clip_grad: float) -> dict:
+    """DeepSpeed's config, built from ours. No "bf16" section: DeepSpeed would cast the whole
+    module (EMA copies included, where m = 0.996 updates round away); bf16 comes from autocast
+    with fp32 weights instead. Batch sizes are explicit, never "auto"."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": global_batch(micro_batch, grad_accum, world_size),
+        "gradient_clipping": clip_grad,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW: no fused-Adam JIT build
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                   betas: tuple[float, float]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)

@@ -1,0 +1,81 @@
+"""The pre-training configuration (one YAML file per method and scale in configs/pretrain/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cmunet.config import check
+from cmunet.methods.cmunet import CMUNetConfig
+from cmunet.tracking.mlflow_run import TrackingConfig
+from cmunet.training.precision import Precision
+
+METHOD_NAMES = ("cmunet",)
+
+
+@dataclass
+class ModelConfig:
+    width: int = 64  # w: UNet widths w, 2w, 4w, 8w, 16w; 64 = the paper's 31.04 M UNet
+
+    def __post_init__(self):
+        check(self.width >= 2, "width", "must be >= 2")
+
+
+@dataclass
+class PretrainData:
+    shards: str = ""  # folder written by tools/shard.py
+    ratio: str = "79-1"  # PT-FT ratio whose pool is used (splits.json)
+    pool: Literal["pretrain", "train"] = "pretrain"  # train = every non-test sample
+    num_workers: int = 2  # data-loader processes per rank
+    shuffle_buffer: int = 512
+
+    def __post_init__(self):
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+
+
+@dataclass
+class PretrainTrain:
+    epochs: int = 300
+    warmup_epochs: int = 40
+    steps_per_epoch: int = 0  # optimizer steps per rank; 0 = pool size / global batch
+    micro_batch: int = 32  # per rank and micro-step
+    grad_accum: int = 1
+    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = 0.0  # 0 = no clipping
+    zero_stage: int = 0
+    precision: Precision = "auto"
+    channels_last: bool = True
+    checkpoint_every: int = 100  # optimizer steps
+    keep_checkpoints: int = 2
+    log_every: int = 10  # steps between MLflow metric points
+    figure_every: int = 10  # epochs between reconstruction figures (and at the end)
+    export_every: int = 0  # epochs between periodic exports (0 = final export only)
+
+    def __post_init__(self):
+        check(self.epochs > 0, "epochs", "must be > 0")
+        check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", "must be in [0, epochs]")
+        check(self.micro_batch >= 2, "micro_batch", "must be >= 2 (batch norm, negatives)")
+        check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        check(self.zero_stage in (0, 1, 2), "zero_stage", "must be 0, 1 or 2")
+        check(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+
+
+@dataclass
+class PretrainConfig:
+    method: Literal["cmunet"] = "cmunet"
+    out: str = "runs/pretrain"
+    seed: int = 0
+    view_size: int = 224  # S: side of the views fed to the network
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PretrainData = field(default_factory=PretrainData)
+    train: PretrainTrain = field(default_factory=PretrainTrain)
+    cmunet: CMUNetConfig = field(default_factory=CMUNetConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(
+        experiment="cmunet-pretrain"))
+
+    def __post_init__(self):
+        check(self.view_size % 16 == 0, "view_size", "must be a multiple of 16")
