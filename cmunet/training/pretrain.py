@@ -111,7 +111,8 @@ class _Run:
             return
         tag, client_state = found
         _, loaded = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
-        self.state.update(loaded or client_state)
+        loaded = loaded or client_state  # DeepSpeed returns its own keys too: keep ours
+        self.state.update({key: loaded[key] for key in self.state})
         self.log(f"resuming from {self.ckpt_dir / tag}: epoch {self.state['epoch']}, "
                  f"step {self.state['step']}")
 
@@ -131,8 +132,9 @@ class _Run:
         for epoch in range(state["epoch"], t.epochs):
             stream.epoch = epoch
             stream.skip_batches = state["step_in_epoch"] * t.grad_accum
+            remaining = (self.steps_per_epoch - state["step_in_epoch"]) * t.grad_accum
             first = None
-            for micro, batch in enumerate(loader):
+            for micro, batch in zip(range(remaining), loader):
                 images = batch["image"].to(self.info.device, non_blocking=True)
                 if t.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,114 @@
+"""The CM-UNet module: gradients everywhere, EMA outside the optimizer, masks, views, LR rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cmunet.methods.cmunet import CMUNet, CMUNetConfig
+from cmunet.methods.heads import ema_update
+from cmunet.training.optim import make_optimizer, param_groups, scaled_lr, warmup_cosine
+
+
+def small(**kw) -> CMUNet:
+    torch.manual_seed(0)
+    return CMUNet(CMUNetConfig(mlp_hidden=32, mlp_out=16, **kw), width=4, view_size=64)
+
+
+def images(n=4, size=80):
+    torch.manual_seed(1)
+    return torch.randn(n, 1, size, size)
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    method = small()
+    loss, logs = method(images(), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert {"loss_rec", "loss_con", "loss"} <= set(logs)
+    for name, p in method.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_ema_modules_are_outside_the_optimizer_and_follow_the_rule():
+    method = small()
+    optimizer = make_optimizer(method, 1e-3, 0.05, (0.9, 0.95))
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    ema = list(method.momentum_encoder.parameters()) + list(method.momentum_projector.parameters())
+    assert ema and not any(id(p) in in_optimizer for p in ema)
+    loss, _ = method(images(), torch.Generator().manual_seed(0))
+    loss.backward()
+    optimizer.step()
+    before = [p.clone() for p in method.momentum_encoder.parameters()]
+    online = [p.clone() for p in method.encoder.parameters()]
+    logs = method.after_step(progress=0.0)
+    m = logs["ema_momentum"]
+    assert m == pytest.approx(0.996)
+    for t0, s, t1 in zip(before, online, method.momentum_encoder.parameters()):
+        torch.testing.assert_close(t1, m * t0 + (1 - m) * s)
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.momentum_encoder.parameters()))
+
+
+def test_ema_copies_buffers():
+    a, b = small(), small()
+    b.encoder.stem[1].running_mean.fill_(3.0)
+    ema_update(a.encoder, b.encoder, 0.99)
+    assert torch.equal(a.encoder.stem[1].running_mean, b.encoder.stem[1].running_mean)
+
+
+def test_reconstruction_loss_covers_exactly_the_masked_patches():
+    method = small(contrastive=False)
+    online, _, mask = method.views(images(), torch.Generator().manual_seed(3))
+    assert len({tuple(m.flatten().tolist()) for m in mask}) == 4  # one mask per image
+    from cmunet.methods.losses import masked_patch_mse
+    pred = torch.zeros_like(online)
+    base = masked_patch_mse(pred, online, mask, 16)
+    visible = ~mask[0]
+    r, c = [int(i) for i in visible.nonzero()[0]]
+    changed = pred.clone()
+    changed[0, 0, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = 100.0
+    assert masked_patch_mse(changed, online, mask, 16) == base  # visible patch: no effect
+    r, c = [int(i) for i in mask[0].nonzero()[0]]
+    changed[0, 0, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = 100.0
+    assert masked_patch_mse(changed, online, mask, 16) > base
+
+
+def test_views_overlap_but_are_shifted():
+    method = small()
+    ramp = torch.linspace(0, 1, 80).view(1, 1, 1, 80).expand(2, 1, 80, 80).contiguous()
+    online, target, _ = method.views(ramp, torch.Generator().manual_seed(5))
+    assert online.shape == target.shape == (2, 1, 64, 64)
+    assert not torch.allclose(online, target, atol=1e-3)  # shifted (and partly noisy)
+
+
+def test_ablations_build_only_their_branch():
+    rec, con = small(contrastive=False), small(reconstruction=False)
+    assert not hasattr(rec, "feature_decoder") and not hasattr(con, "pixel_head")
+    state = con.export_state()  # contrastive-only: the feature decoder is exported as decoder
+    assert {k.split(".")[0] for k in state} == {"encoder", "decoder"}
+    torch.testing.assert_close(state["decoder.ups.0.up.weight"],
+                               con.feature_decoder.ups[0].up.weight)
+
+
+@pytest.mark.parametrize("micro, accum, world, expected", [
+    (32, 1, 8, 1.5e-4), (32, 1, 16, 3e-4), (16, 2, 8, 1.5e-4), (8, 4, 1, 1.5e-4 * 32 / 256),
+    (64, 4, 1, 1.5e-4),
+])
+def test_lr_rule(micro, accum, world, expected):
+    assert scaled_lr(1.5e-4, micro, accum, world) == pytest.approx(expected)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    method = small()
+    decay, no_decay = param_groups(method, 0.05)
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.05
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert method.encoder.stem[1].weight in no_decay["params"]  # BN weight
+
+
+def test_warmup_then_cosine_per_step():
+    f = warmup_cosine(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
