@@ -59,7 +59,7 @@ def load_finetuned(folder: str | Path) -> UNet:
         model.load_state_dict(load_file(weights))
     except RuntimeError as err:
         raise ValueError(f"{weights} does not fit a UNet of width {width} (the width recorded in "
-                         f"{folder}): {str(err).splitlines()[1].strip()}") from None
+                         f"{folder}): {str(err).splitlines()[-1].strip()}") from None
     return model
 
 
@@ -114,14 +114,17 @@ def summarize_run(cfg: FinetuneConfig, rows: list[dict], spacings: Sequence,
                   excluded: dict[str, list[str]]) -> dict:
     """metrics.json: a summary per metric, the diameter agreement (in mm when every image has a
     spacing, else in pixels) and what was evaluated and excluded."""
-    in_mm = all(s is not None for s in spacings)
-    suffix = "_mm" if in_mm else ""
-    agreement = diameter_agreement([r[f"diam_gt{suffix}"] for r in rows],
-                                   [r[f"diam_pred{suffix}"] for r in rows])
+    units = "mm" if all(s is not None for s in spacings) else "px"
+    agreement = diameter_agreement(*diameters(rows, units))
     return {"model": cfg.model, "shards": cfg.data.shards, "pool": cfg.eval.pool,
             "n_images": len(rows), "n_excluded": {k: len(v) for k, v in excluded.items()},
-            "excluded": excluded, **summarize(rows),
-            "pearson_r": {**agreement, "units": "mm" if in_mm else "px"}}
+            "excluded": excluded, **summarize(rows), "pearson_r": {**agreement, "units": units}}
+
+
+def diameters(rows: list[dict], units: str) -> tuple[list, list]:
+    """Per-image mean diameters (ground truth, prediction) in ``units`` ("mm" or "px")."""
+    suffix = "_mm" if units == "mm" else ""
+    return [r[f"diam_gt{suffix}"] for r in rows], [r[f"diam_pred{suffix}"] for r in rows]
 
 
 def write_outputs(cfg: FinetuneConfig, out: Path, rows: list[dict], metrics: dict,
@@ -129,18 +132,16 @@ def write_outputs(cfg: FinetuneConfig, out: Path, rows: list[dict], metrics: dic
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    columns = ["key"] + [k for k in DEFAULT_KEYS if k in rows[0]]
-    with (out / "per_image.csv").open("w", newline="") as f:
+    columns = ["key"] + [k for k in DEFAULT_KEYS if any(k in r for r in rows)]
+    with (out / "per_image.csv").open("w", newline="") as f:  # undefined values are left empty
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows({k: ("" if r[k] is None else r[k]) for k in columns} for r in rows)
+        writer.writerows({k: ("" if r.get(k) is None else r[k]) for k in columns} for r in rows)
     shown = overlay_choice([r["dice"] for r in rows], cfg.eval.overlays)
     save_overlays([{"image": items[i][1], "pred": preds[i], "gt": items[i][2],
                     "title": items[i][0]} for i in shown], out / "overlays.png")
     units = metrics["pearson_r"]["units"]
-    suffix = "_mm" if units == "mm" else ""
-    bland_altman_plot([r[f"diam_gt{suffix}"] for r in rows], [r[f"diam_pred{suffix}"] for r in rows],
-                      out / "bland_altman.png", units=units)
+    bland_altman_plot(*diameters(rows, units), out / "bland_altman.png", units=units)
 
 
 def overlay_choice(dices: Sequence[float], count: int) -> list[int]:
@@ -164,4 +165,6 @@ def track(cfg: FinetuneConfig, out: Path, metrics: dict) -> None:
 
 
 def _fmt(summary: dict) -> str:
-    return "undefined" if summary["mean"] is None else f"{summary['mean']:.4f} ± {summary['std']:.4f}"
+    if summary["mean"] is None:
+        return "undefined"
+    return f"{summary['mean']:.4f} ± {summary['std']:.4f}"

@@ -17,9 +17,9 @@ Loss: cross-entropy + soft Dice of the foreground, 1:1. The soft Dice uses softm
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from cmunet.config import ConfigError, check, flatten, save_config
+from cmunet.config import ConfigError, check, dump_config, flatten, save_config
 from cmunet.data.augment import AugmentConfig, make_augment
 from cmunet.data.splits import POOLS, load_splits, parse_ratio, pool_keys
 from cmunet.data.stream import InMemorySet, collate, load_manifest
@@ -244,13 +244,13 @@ def train_epoch(model: UNet, loader: DataLoader, optimizer: torch.optim.Optimize
         with autocast(device, bf16):
             logits = model(image)
         loss = segmentation_loss(logits, target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()}: lower train.lr "
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"non-finite loss {losses[-1]}: lower train.lr "
                                      f"(now {optimizer.param_groups[0]['lr']:g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
     return float(np.mean(losses))
 
 
@@ -284,7 +284,7 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
     val_loader = _loader(val_set, cfg.eval.batch_size, cfg, train=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
-    best = FitResult(0, -1.0, [], {})
+    result = FitResult(0, -1.0, [], {})
     for epoch in range(1, cfg.train.epochs + 1):
         start = time.perf_counter()
         train_set.epoch = epoch  # new augmentations every epoch
@@ -292,14 +292,19 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
         val_dice = mean_dice(predict(model, val_loader, device, bf16), val_set)
         row = {"epoch": epoch, "train_loss": loss, "val_dice": val_dice,
                "seconds": time.perf_counter() - start}
-        best.history.append(row)
-        if val_dice > best.best_val_dice:
-            best.best_epoch, best.best_val_dice = epoch, val_dice
-            best.best_state = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
-                               for k, v in model.state_dict().items()}
+        result.history.append(row)
+        if val_dice > result.best_val_dice:
+            result.best_epoch, result.best_val_dice = epoch, val_dice
+            result.best_state = cpu_state(model)
         if on_epoch is not None:
             on_epoch(row)
-    return best
+    return result
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A contiguous CPU copy of the model's state dict, floating tensors in fp32."""
+    return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+            .contiguous().clone() for k, v in model.state_dict().items()}
 
 
 # ---- the job -----------------------------------------------------------------------------------
@@ -311,22 +316,24 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Fit
         raise ValueError("out is not set: give the output folder, e.g. out=runs/finetune")
     if not cfg.data.shards:
         raise ValueError("data.shards is not set: give the folder written by tools/shard.py")
+    model, report = build_model(cfg)
+    cfg = replace(cfg, model_width=model.width)  # the resolved config names the width used
+    log(f"init: {cfg.init}, width {model.width} "
+        + (f"({report.summary()})" if report else "(random weights)"))
     pool = pool_keys(load_splits(Path(cfg.data.shards) / "splits.json"), "finetune",
                      cfg.data.ratio)
     patient_of = patients_of(cfg.data.shards)
     train_keys, val_keys = carve_validation(pool, patient_of, cfg.data.val_fraction, cfg.seed, log)
-    model, report = build_model(cfg)
-    cfg = replace(cfg, model_width=model.width)  # the resolved config names the width used
-    log(f"init: {cfg.init}" + (f" ({report.summary()})" if report else " (random weights)"))
     log(f"fine-tuning pool {cfg.data.ratio}: {len(pool)} images -> {len(train_keys)} train, "
-        f"{len(val_keys)} validation ({len({patient_of[k] for k in val_keys})} patients)")
+        f"{len(val_keys)} validation (patients: {len(set(map(patient_of.get, train_keys)))} "
+        f"train, {len(set(map(patient_of.get, val_keys)))} validation)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     tracker = Tracker(cfg.tracking, run_name=out.name, params=flatten(cfg))
     try:
         start = time.perf_counter()
-        result = fit(cfg, train_keys, val_keys, copy.deepcopy(model.state_dict()),
+        result = fit(cfg, train_keys, val_keys, model.state_dict(),
                      _epoch_logger(cfg.train.epochs, tracker, log))
         summary = {"best_epoch": result.best_epoch, "best_val_dice": result.best_val_dice,
                    "width": model.width, "init": cfg.init, "init_report": _report_dict(report),
@@ -334,7 +341,7 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Fit
                    "val_patients": sorted({patient_of[k] for k in val_keys}),
                    "train_keys": train_keys, "val_keys": val_keys,
                    "seconds": time.perf_counter() - start}
-        save_outputs(result, summary, out)
+        save_outputs(result, summary, cfg, out)
         tracker.log_metrics({"best_val_dice": result.best_val_dice,
                              "best_epoch": result.best_epoch}, step=cfg.train.epochs)
         for name in ("config.yaml", "history.csv", "result.json"):
@@ -364,9 +371,13 @@ def _epoch_logger(epochs: int, tracker: Tracker,
     return on_epoch
 
 
-def save_outputs(result: FitResult, summary: dict, out: Path) -> None:
-    """best.safetensors (fp32 state dict of the best epoch), history.csv and result.json."""
-    save_file(result.best_state, out / WEIGHTS, metadata={"format": "cmunet-finetune/1"})
+def save_outputs(result: FitResult, summary: dict, cfg: FinetuneConfig, out: Path) -> None:
+    """best.safetensors (state dict of the best epoch, with the resolved config in its metadata),
+    history.csv and result.json."""
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(result.best_state, tmp,
+              metadata={"format": "cmunet-finetune/1", "config": dump_config(cfg)})
+    tmp.replace(out / WEIGHTS)  # never a half-written weights file
     write_history(result.history, out / "history.csv")
     (out / "result.json").write_text(json.dumps(summary, indent=1) + "\n")
 
