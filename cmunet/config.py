@@ -77,13 +77,31 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-    kwargs = {key: _coerce(hints[key], value, prefix + key) for key, value in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        factory = fields[key].default_factory
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) \
+                and factory is not dataclasses.MISSING:
+            # a partial section overrides the parent's default for it, not the class defaults
+            value = _merge(dataclasses.asdict(factory()), value)
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
     try:
         return cls(**kwargs)
     except ConfigError as err:  # raised by a __post_init__ validator: name the full key
         if err.key is None or not prefix:
             raise
         raise ConfigError(err.message, key=prefix + err.key) from None
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -18,12 +18,19 @@ class Train:
 
 
 @dataclass
+class Tracking:
+    experiment: str = "default"
+    register_as: str = ""
+
+
+@dataclass
 class Job:
     name: str = "run"
     method: Literal["cmunet", "mae"] = "cmunet"
     init: str | None = None
     ratios: list[str] = field(default_factory=lambda: ["79-1"])
     train: Train = field(default_factory=Train)
+    tracking: Tracking = field(default_factory=lambda: Tracking("jobs", "job-model"))
 
 
 def write(tmp_path, text):
@@ -68,3 +75,9 @@ def test_saved_config_loads_back_identically(tmp_path):
     path = save_config(cfg, tmp_path / "out" / "config.yaml")
     assert load_config(Job, path) == cfg
     assert flatten(cfg)["train.epochs"] == 7 and flatten(cfg)["ratios"] == ["50-30", "79-1"]
+
+
+def test_partial_section_keeps_the_parents_defaults(tmp_path):
+    cfg = load_config(Job, write(tmp_path, "tracking:\n  experiment: mine\n"))
+    assert cfg.tracking == Tracking("mine", "job-model")
+    assert load_config(Job, None, ["train.lr=0.5"]).train.epochs == 10

@@ -81,3 +81,25 @@ def test_plain_python_resumes_and_reproduces_the_next_losses(tiny_shards, tmp_pa
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
     assert len(runs_in(tmp_path / "mlflow.db")) == 1  # the resumed run continues the same run
+
+
+def test_probe_and_registered_exports_feed_fine_tuning(tiny_shards, tmp_path):
+    """Exports are registered as cmunet-pretrain versions carrying probe_dice; fine-tuning takes
+    init=models:/cmunet-pretrain/<version>."""
+    from mlflow.tracking import MlflowClient
+
+    run([sys.executable, str(ROOT / "launch/pretrain.py"), *TINY, f"data.shards={tiny_shards}",
+         "out=OUT", "train.epochs=2", "train.export_every=1", "probe.every=1", "probe.epochs=1",
+         "probe.labelled=4", "probe.validation=2", "data.ratio=50-30"], cwd=tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    versions = sorted(client.search_model_versions("name='cmunet-pretrain'"),
+                      key=lambda v: int(v.version))
+    assert [v.tags["epoch"] for v in versions] == ["1", "2"]  # periodic, then final
+    assert all(0 <= float(v.tags["probe_dice"]) <= 1 for v in versions)
+    run_id = versions[-1].run_id
+    assert len(client.get_metric_history(run_id, "probe_dice")) == 2
+    text = run([sys.executable, str(ROOT / "launch/finetune.py"), "--config",
+                str(ROOT / "configs/finetune/cpu.yaml"), f"data.shards={tiny_shards}",
+                "init=models:/cmunet-pretrain/2", "out=FT", "train.epochs=1", "data.ratio=50-30",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path)
+    assert "loaded" in text and (tmp_path / "FT" / "best.safetensors").exists()

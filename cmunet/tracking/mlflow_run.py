@@ -26,6 +26,7 @@ class TrackingConfig:
     uri: str = ""  # "" = sqlite:///<working directory>/mlflow.db
     experiment: str = "cmunet"
     run_name: str = ""  # "" = the output folder's name
+    register_as: str = ""  # registered model name for this job's exports/models ("" = none)
 
 
 def resolve_uri(uri: str) -> str:
@@ -87,6 +88,15 @@ class Tracker:
         if self.enabled:
             self._queue.put(("artifact", (str(path), artifact_path)))
 
+    def register(self, artifact_path: str, name: str, tags: dict) -> None:
+        """Register the logged folder ``artifact_path`` as a new version of model ``name``, once
+        the queue has uploaded it."""
+        if self.enabled and name:
+            from cmunet.tracking.registry import register_folder
+
+            self._queue.put(("call", lambda: register_folder(self.client, self.run_id,
+                                                             artifact_path, name, tags)))
+
     def _drain(self) -> None:
         from mlflow.entities import Metric
 
@@ -107,6 +117,8 @@ class Tracker:
                 path, artifact_path = item[1]
                 send = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
                 self._send(lambda: send(self.run_id, path, artifact_path))
+            if item is not None and item[0] == "call":
+                self._send(item[1])
             if item is not None and item[0] == "flush":
                 item[1].set()
             if item is not None and item[0] == "stop":

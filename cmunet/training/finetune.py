@@ -40,9 +40,11 @@ from cmunet.evaluation.metrics import dice
 from cmunet.models.export import LoadReport, load_export, load_into
 from cmunet.models.unet import UNet
 from cmunet.tracking.mlflow_run import Tracker, TrackingConfig
+from cmunet.tracking.registry import resolve
 from cmunet.training.precision import Precision, autocast, default_device, use_bf16
 
 WEIGHTS = "best.safetensors"
+PREPROCESSING = "preprocessing.json"
 
 
 @dataclass
@@ -141,7 +143,7 @@ def build_model(cfg: FinetuneConfig) -> tuple[UNet, LoadReport | None]:
     torch.manual_seed(cfg.seed)
     if cfg.init == "none":
         return UNet(cfg.model_width), None
-    state, info = load_export(cfg.init)
+    state, info = load_export(resolve(cfg.init, cfg.tracking.uri))
     source = f"export {cfg.init}"
     model = UNet(info.get("width", width_of(state, source)))
     return model, init_from_export(model, state, info, source)
@@ -344,7 +346,7 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Fit
         save_outputs(result, summary, cfg, out)
         tracker.log_metrics({"best_val_dice": result.best_val_dice,
                              "best_epoch": result.best_epoch}, step=cfg.train.epochs)
-        for name in ("config.yaml", "history.csv", "result.json"):
+        for name in ("config.yaml", "history.csv", "result.json", PREPROCESSING):
             tracker.log_artifact(out / name)
     except BaseException:
         tracker.close("FAILED")
@@ -380,6 +382,15 @@ def save_outputs(result: FitResult, summary: dict, cfg: FinetuneConfig, out: Pat
     tmp.replace(out / WEIGHTS)  # never a half-written weights file
     write_history(result.history, out / "history.csv")
     (out / "result.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_preprocessing(cfg.data.shards, out / PREPROCESSING)
+
+
+def write_preprocessing(shards: str | Path, path: Path) -> None:
+    """What inference on new images must repeat: the shards' preprocessing, size, storage type
+    and z-score statistics (so a model can be used without its training shards)."""
+    manifest = load_manifest(shards)
+    keep = ("size", "dtype", "mean", "std", "preprocess")
+    path.write_text(json.dumps({k: manifest[k] for k in keep}, indent=1) + "\n")
 
 
 def write_history(history: list[dict], path: Path) -> None:

@@ -183,13 +183,30 @@ class _Run:
             _append_csv(self.out / "log.csv", {"step": self.state["step"], **metrics})
 
     def _epoch_end(self, epoch: int, first: torch.Tensor | None) -> None:
-        t = self.cfg.train
+        t, probe = self.cfg.train, self.cfg.probe
         last = epoch == t.epochs
-        if self.info.is_main and first is not None and (epoch % t.figure_every == 0 or last):
+        if not self.info.is_main:
+            return
+        if first is not None and (epoch % t.figure_every == 0 or last):
             self._figure(epoch, first)
-        if t.export_every and epoch % t.export_every == 0 and not last and self.info.is_main:
-            folder = self._export(self.out / "exports" / f"epoch_{epoch:04d}")
-            self.tracker.log_artifact(folder, f"exports/epoch_{epoch:04d}")
+        if probe.every and (epoch % probe.every == 0 or last):
+            self._probe()
+        if t.export_every and epoch % t.export_every == 0 and not last:
+            self._publish(self.out / "exports" / f"epoch_{epoch:04d}",
+                          f"exports/epoch_{epoch:04d}")
+
+    def _probe(self) -> None:
+        """Fine-tune a copy briefly on a few fine-tuning-pool images; log ``probe_dice``."""
+        from cmunet.training.probe import probe_dice
+
+        start = time.perf_counter()
+        self.window.last["probe_dice"] = probe_dice(
+            self.method.export_state(), self.cfg.model.width, self.cfg.data.shards,
+            self.cfg.data.ratio, self.cfg.probe, self.cfg.seed, self.cfg.train.precision)
+        self.tracker.log_metrics({"probe_dice": self.window.last["probe_dice"]},
+                                 step=self.state["step"])
+        self.log(f"probe at epoch {self.state['epoch']}: Dice "
+                 f"{self.window.last['probe_dice']:.4f} ({time.perf_counter() - start:.0f} s)")
 
     def _figure(self, epoch: int, images: torch.Tensor) -> None:
         from cmunet.evaluation.figures import reconstruction_gallery
@@ -207,15 +224,23 @@ class _Run:
         info = {"method": self.cfg.method, "width": self.cfg.model.width,
                 "view_size": self.cfg.view_size, "epoch": self.state["epoch"],
                 "step": self.state["step"], "parts": list(self.method.parts),
-                "losses": self.window.last}
+                "metrics": self.window.last}
         return save_export(folder, self.method.export_state(), info, dump_config(self.cfg),
                            self.manifest)
+
+    def _publish(self, folder: Path, artifact_path: str) -> None:
+        """Export, log to MLflow and register as a version of ``tracking.register_as``."""
+        self._export(folder)
+        self.tracker.log_artifact(folder, artifact_path)
+        tags = {"epoch": self.state["epoch"], "step": self.state["step"],
+                "method": self.cfg.method, "width": self.cfg.model.width,
+                **{k: f"{v:.5f}" for k, v in self.window.last.items()}}
+        self.tracker.register(artifact_path, self.cfg.tracking.register_as, tags)
 
     def _finish(self) -> Path:
         folder = self.out / "export"
         if self.info.is_main:
-            self._export(folder)
-            self.tracker.log_artifact(folder, "export")
+            self._publish(folder, "export")
             self.tracker.log_artifact(self.out / "config.yaml")
             self.tracker.close()
             self.log(f"export written to {folder}")

@@ -8,6 +8,7 @@ from typing import Literal
 from cmunet.config import check
 from cmunet.methods.cmunet import CMUNetConfig
 from cmunet.tracking.mlflow_run import TrackingConfig
+from cmunet.training.probe import ProbeConfig
 from cmunet.training.precision import Precision
 
 METHOD_NAMES = ("cmunet",)
@@ -74,8 +75,9 @@ class PretrainConfig:
     data: PretrainData = field(default_factory=PretrainData)
     train: PretrainTrain = field(default_factory=PretrainTrain)
     cmunet: CMUNetConfig = field(default_factory=CMUNetConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(
-        experiment="cmunet-pretrain"))
+        experiment="cmunet-pretrain", register_as="cmunet-pretrain"))
 
     def __post_init__(self):
         check(self.view_size % 16 == 0, "view_size", "must be a multiple of 16")

@@ -1,0 +1,62 @@
+"""The pre-training probe: a brief fine-tuning of a copy of the current weights on a few labelled
+images of the fine-tuning pool, scored by Dice on other images of that pool (never the test split).
+
+Logged as ``probe_dice`` at each probe and attached to the registered export, so that pre-training
+checkpoints can be sorted in the MLflow UI by a downstream figure rather than by their loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cmunet.config import check
+from cmunet.data.augment import AugmentConfig
+from cmunet.data.splits import load_splits, pool_keys
+from cmunet.models.export import load_into
+from cmunet.models.unet import UNet
+
+
+@dataclass
+class ProbeConfig:
+    every: int = 0  # epochs between probes (0 = no probe); a probe also runs at the end
+    labelled: int = 8  # fine-tuning-pool images the probe trains on
+    validation: int = 8  # other fine-tuning-pool images (other patients if possible) it is scored on
+    epochs: int = 5
+    batch_size: int = 4
+    lr: float = 1e-3
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        check(self.every >= 0, "every", "must be >= 0")
+        check(self.labelled >= 1 and self.validation >= 1, "labelled", "and validation must be >= 1")
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+
+
+def probe_keys(shards: str, ratio: str, cfg: ProbeConfig, seed: int) -> tuple[list[str], list[str]]:
+    """(train, validation) keys: both from the fine-tuning pool of ``ratio``, split by patient."""
+    from cmunet.training.finetune import carve_validation, patients_of
+
+    pool = pool_keys(load_splits(f"{shards}/splits.json"), "finetune", ratio)
+    fraction = cfg.validation / max(len(pool), 1)
+    train, val = carve_validation(pool, patients_of(shards), min(max(fraction, 0.05), 0.5), seed,
+                                  warn=lambda _: None)
+    return train[:cfg.labelled], val[:cfg.validation]
+
+
+def probe_dice(encoder_decoder: dict[str, torch.Tensor], width: int, shards: str, ratio: str,
+               cfg: ProbeConfig, seed: int, precision: str = "auto") -> float:
+    """Best validation Dice of a short fine-tuning from ``encoder_decoder`` (export naming)."""
+    from cmunet.training.finetune import (DataConfig, FinetuneConfig, TrainConfig, cpu_state,
+                                          fit)
+
+    train, val = probe_keys(shards, ratio, cfg, seed)
+    torch.manual_seed(seed)
+    model = UNet(width)
+    load_into(model, encoder_decoder, source="pre-training weights")
+    ft = FinetuneConfig(seed=seed, model_width=width, augment=cfg.augment,
+                        data=DataConfig(shards=shards, ratio=ratio),
+                        train=TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                          lr=cfg.lr, precision=precision))
+    return fit(ft, train, val, initial_state=cpu_state(model)).best_val_dice
