@@ -68,3 +68,23 @@ def test_transform_is_seeded_per_sample(tiny_shards):
 def test_unknown_keys_are_refused(tiny_shards):
     with pytest.raises(ValueError, match="not in"):
         ShardStream(tiny_shards, ["nope"], batch_size=2)
+
+
+def test_extra_sources_are_mixed_in_with_their_own_statistics(tiny_shards, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["mean"] += 100  # the copy is z-scored with its own (here shifted) statistics
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    stream = ShardStream(tiny_shards, ["img000"], batch_size=4, extra=[(other, None)], seed=0,
+                         shuffle_buffer=1)
+    batch = next(iter(stream))
+    first = InMemorySet(tiny_shards, ["img000"])[0]["image"]
+    shift = 100 / manifest["std"]
+    for key, image in zip(batch["key"], batch["image"].numpy()):
+        if key == "img000" and np.allclose(image, first, atol=1e-5):
+            continue  # from the main folder
+        reference = InMemorySet(tiny_shards, [key])[0]["image"]
+        assert np.allclose(image, reference - shift, atol=1e-4)  # from the extra folder

@@ -21,7 +21,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -98,27 +98,30 @@ def collate(samples: list[dict]) -> dict:
 
 
 class ShardStream(IterableDataset):
-    """A stream of batches from the shards in ``shards`` whose keys are in ``keys``."""
+    """A stream of batches from the shards in ``shards`` whose keys are in ``keys`` (None = all),
+    plus, optionally, ``extra`` (folder, keys) sources mixed in (e.g. unlabeled archives or
+    synthetic angiograms for pre-training); each folder is z-scored with its own statistics."""
 
     def __init__(self, shards: str | Path, keys: Iterable[str] | None, batch_size: int, *,
+                 extra: Sequence[tuple[str | Path, Iterable[str] | None]] = (),
                  seed: int = 0, resampled: bool = True, shuffle_buffer: int = 256,
                  with_masks: bool = False, transform: Transform | None = None,
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
-        manifest = load_manifest(shards)
-        known = {s["key"]: s["shard"] for s in manifest["samples"]}
-        self.keys = set(known) if keys is None else set(keys)
-        missing = sorted(self.keys - set(known))
-        if missing:
-            raise ValueError(f"{len(missing)} selected keys are not in {shards} "
-                             f"(e.g. {', '.join(missing[:3])}): splits and shards disagree")
-        if not self.keys:
-            raise ValueError(f"no sample of {shards} is selected")
-        used = sorted({known[k] for k in self.keys})  # skip shards with nothing selected
-        self.urls = [str(Path(shards) / name) for name in used]
+        self.urls: list[str] = []
+        self.source_of: dict[str, tuple[set[str], _Decoder]] = {}  # shard url -> keys, decoder
+        for folder, selection in [(shards, keys), *extra]:
+            manifest = load_manifest(folder)
+            chosen = _selected(folder, manifest, selection)
+            decoder = _Decoder(manifest["mean"], manifest["std"], with_masks)
+            shard_of = {s["key"]: s["shard"] for s in manifest["samples"]}
+            for name in sorted({shard_of[k] for k in chosen}):  # skip shards with nothing chosen
+                url = str(Path(folder) / name)
+                self.urls.append(url)
+                self.source_of[url] = (chosen, decoder)
+        self.keys = set().union(*(chosen for chosen, _ in self.source_of.values()))
         self.batch_size, self.seed, self.resampled = batch_size, seed, resampled
         self.shuffle_buffer = shuffle_buffer
-        self.decoder = _Decoder(manifest["mean"], manifest["std"], with_masks)
         self.transform = transform
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -142,7 +145,7 @@ class ShardStream(IterableDataset):
                                  "workers or smaller shards")
             urls = iter([{"url": u} for u in mine])
         raw = wds.tarfile_to_samples()(urls)
-        raw = (s for s in raw if s["__key__"] in self.keys)
+        raw = (s for s in raw if s["__key__"] in self.source_of[s["__url__"]][0])
         if self.shuffle_buffer > 1:
             raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                               rng=random.Random(seed + 1))(raw)
@@ -152,12 +155,25 @@ class ShardStream(IterableDataset):
             if index < skip:
                 continue
             rng = np.random.default_rng(_seed(seed, index)) if self.transform else None
-            batch.append(_sample(*self.decoder(sample), self.transform, rng))
+            decoder = self.source_of[sample["__url__"]][1]
+            batch.append(_sample(*decoder(sample), self.transform, rng))
             if len(batch) == self.batch_size:
                 yield collate(batch)
                 batch = []
         if batch and not self.resampled:
             yield collate(batch)
+
+
+def _selected(folder: str | Path, manifest: dict, keys: Iterable[str] | None) -> set[str]:
+    known = {s["key"] for s in manifest["samples"]}
+    chosen = set(known) if keys is None else set(keys)
+    missing = sorted(chosen - known)
+    if missing:
+        raise ValueError(f"{len(missing)} selected keys are not in {folder} "
+                         f"(e.g. {', '.join(missing[:3])}): splits and shards disagree")
+    if not chosen:
+        raise ValueError(f"no sample of {folder} is selected")
+    return chosen
 
 
 def make_loader(stream: ShardStream, num_workers: int, steps_per_epoch: int | None = None,

@@ -60,10 +60,13 @@ class _Run:
         self.manifest = load_manifest(cfg.data.shards)
         splits = load_splits(Path(cfg.data.shards) / "splits.json")
         self.keys = pool_keys(splits, cfg.data.pool, cfg.data.ratio)
+        extra = sum(load_manifest(folder)["count"] for folder in cfg.data.extra_shards)
+        self.pool_size = len(self.keys) + extra
         world = info.world_size
         self.global_batch = global_batch(t.micro_batch, t.grad_accum, world)
         self.lr = scaled_lr(t.base_lr, t.micro_batch, t.grad_accum, world)
-        self.steps_per_epoch = t.steps_per_epoch or max(1, math.ceil(len(self.keys) / self.global_batch))
+        self.steps_per_epoch = t.steps_per_epoch or max(
+            1, math.ceil(self.pool_size / self.global_batch))
         self.total_steps = self.steps_per_epoch * t.epochs
         self.bf16 = use_bf16(info.device, t.precision)
 
@@ -90,7 +93,7 @@ class _Run:
         resolved = {"resolved.lr": self.lr, "resolved.global_batch": self.global_batch,
                     "resolved.steps_per_epoch": self.steps_per_epoch,
                     "resolved.world_size": world, "resolved.bf16": self.bf16,
-                    "resolved.pool_size": len(self.keys)}
+                    "resolved.pool_size": self.pool_size}
         self.tracker = Tracker(cfg.tracking, run_name=self.out.name,
                                params=None if self.state["run_id"] else {**flatten(cfg), **resolved},
                                tags={"cmunet.job": "pretrain", "cmunet.method": cfg.method},
@@ -99,7 +102,7 @@ class _Run:
         self.log(f"{cfg.method}: {count_parameters(self.method, True) / 1e6:.2f} M trainable "
                  f"parameters, width {cfg.model.width}, views {cfg.view_size}^2 | {world} rank(s) "
                  f"on {info.device}, {'bf16 autocast' if self.bf16 else 'fp32'} | pool "
-                 f"{cfg.data.pool}/{cfg.data.ratio}: {len(self.keys)} images | global batch "
+                 f"{cfg.data.pool}/{cfg.data.ratio}: {self.pool_size} images | global batch "
                  f"{t.micro_batch} x {t.grad_accum} x {world} = {self.global_batch} -> lr "
                  f"{t.base_lr:g} x {self.global_batch}/256 = {self.lr:.3g} | {self.steps_per_epoch}"
                  f" steps/epoch, {self.total_steps} steps")
@@ -122,6 +125,7 @@ class _Run:
 
         cfg, t, state = self.cfg, self.cfg.train, self.state
         stream = ShardStream(cfg.data.shards, self.keys, t.micro_batch, seed=cfg.seed,
+                             extra=[(folder, None) for folder in cfg.data.extra_shards],
                              shuffle_buffer=cfg.data.shuffle_buffer,
                              rank=self.info.rank, world_size=self.info.world_size)
         loader = make_loader(stream, cfg.data.num_workers, self.steps_per_epoch * t.grad_accum,

@@ -27,6 +27,9 @@ class PretrainData:
     shards: str = ""  # folder written by tools/shard.py
     ratio: str = "79-1"  # PT-FT ratio whose pool is used (splits.json)
     pool: Literal["pretrain", "train"] = "pretrain"  # train = every non-test sample
+    # more unlabeled images: every sample of these shard folders joins the pool (synthetic
+    # angiograms, unlabeled archives) -- never a folder holding your test images
+    extra_shards: list[str] = field(default_factory=list)
     num_workers: int = 2  # data-loader processes per rank
     shuffle_buffer: int = 512
 
