@@ -72,7 +72,8 @@ class _Run:
 
         method = build_method(cfg).to(info.device)
         optimizer = make_optimizer(method, self.lr, t.weight_decay, t.betas)
-        schedule = warmup_cosine(self.total_steps, t.warmup_epochs * self.steps_per_epoch,
+        schedule = warmup_cosine(self.total_steps,
+                                 min(t.warmup_epochs, t.epochs) * self.steps_per_epoch,
                                  t.min_lr / self.lr if self.lr else 0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
