@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 from cmunet.config import check
+from cmunet.methods import CMUNET_ABLATIONS
 from cmunet.methods.cmunet import CMUNetConfig
+from cmunet.methods.genesis import GenesisConfig
+from cmunet.methods.mae import MAEConfig
+from cmunet.methods.moco import MoCoConfig
+from cmunet.methods.spark import SparKConfig
 from cmunet.tracking.mlflow_run import TrackingConfig
 from cmunet.training.probe import ProbeConfig
 from cmunet.training.precision import Precision
 
-METHOD_NAMES = ("cmunet",)
+MethodName = Literal["cmunet", "cmunet-rec", "cmunet-con", "none", "mae", "genesis", "spark",
+                     "moco"]
+METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
 
 
 @dataclass
@@ -59,7 +66,7 @@ class PretrainTrain:
     export_every: int = 0  # epochs between periodic exports (0 = final export only)
 
     def __post_init__(self):
-        check(self.epochs > 0, "epochs", "must be > 0")
+        check(self.epochs >= 0, "epochs", "must be >= 0 (0 = export the initialisation)")
         check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
         check(self.micro_batch >= 2, "micro_batch", "must be >= 2 (batch norm, negatives)")
         check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
@@ -70,17 +77,26 @@ class PretrainTrain:
 
 @dataclass
 class PretrainConfig:
-    method: Literal["cmunet"] = "cmunet"
+    method: MethodName = "cmunet"
     out: str = "runs/pretrain"
     seed: int = 0
     view_size: int = 224  # S: side of the views fed to the network
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PretrainData = field(default_factory=PretrainData)
     train: PretrainTrain = field(default_factory=PretrainTrain)
-    cmunet: CMUNetConfig = field(default_factory=CMUNetConfig)
+    cmunet: CMUNetConfig = field(default_factory=CMUNetConfig)  # also cmunet-rec, cmunet-con
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    genesis: GenesisConfig = field(default_factory=GenesisConfig)
+    spark: SparKConfig = field(default_factory=SparKConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(
         experiment="cmunet-pretrain", register_as="cmunet-pretrain"))
 
     def __post_init__(self):
         check(self.view_size % 16 == 0, "view_size", "must be a multiple of 16")
+        # what a method name implies wins over the sections, so the saved config says what ran
+        if self.method in CMUNET_ABLATIONS:
+            self.cmunet = replace(self.cmunet, **CMUNET_ABLATIONS[self.method])
+        if self.method == "none":  # nothing to train: no step, the export is the initialisation
+            self.train = replace(self.train, epochs=0, warmup_epochs=0, zero_stage=0)
