@@ -264,10 +264,11 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
 
     Starts from ``initial_state`` (a full UNet state dict; pass the same one to every fold), else
     from :func:`build_model`. ``on_epoch`` receives each epoch's history row as it is made.
+    With no ``val_keys`` (the final retraining of the search on the whole pool) nothing is
+    validated: ``val_dice`` is NaN and the weights after the last epoch are returned.
     """
-    if not train_keys or not val_keys:
-        raise ValueError(f"fit needs training and validation keys, got {len(train_keys)} and "
-                         f"{len(val_keys)}")
+    if not train_keys:
+        raise ValueError("fit needs training keys, got none")
     if set(train_keys) & set(val_keys):
         raise ValueError("training and validation keys overlap")
     if initial_state is None:
@@ -281,9 +282,10 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
     model.to(device, memory_format=torch.channels_last)
     train_set = InMemorySet(cfg.data.shards, train_keys, transform=make_augment(cfg.augment),
                             seed=cfg.seed)
-    val_set = InMemorySet(cfg.data.shards, val_keys)
+    val_set = InMemorySet(cfg.data.shards, val_keys) if val_keys else None
     train_loader = _loader(train_set, cfg.train.batch_size, cfg, train=True)
-    val_loader = _loader(val_set, cfg.eval.batch_size, cfg, train=False)
+    val_loader = (_loader(val_set, cfg.eval.batch_size, cfg, train=False)
+                  if val_set is not None else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
     result = FitResult(0, -1.0, [], {})
@@ -291,7 +293,8 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
         start = time.perf_counter()
         train_set.epoch = epoch  # new augmentations every epoch
         loss = train_epoch(model, train_loader, optimizer, device, bf16)
-        val_dice = mean_dice(predict(model, val_loader, device, bf16), val_set)
+        val_dice = (mean_dice(predict(model, val_loader, device, bf16), val_set)
+                    if val_set is not None else math.nan)
         row = {"epoch": epoch, "train_loss": loss, "val_dice": val_dice,
                "seconds": time.perf_counter() - start}
         result.history.append(row)
@@ -300,6 +303,9 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
             result.best_state = cpu_state(model)
         if on_epoch is not None:
             on_epoch(row)
+    if val_set is None:
+        result.best_epoch, result.best_val_dice = cfg.train.epochs, math.nan
+        result.best_state = cpu_state(model)
     return result
 
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Cross-validated fine-tuning search on Ray Tune; retrains, tests and registers the winner.
+
+    python launch/tune.py --config configs/tune/cpu.yaml data.shards=SHARDS init=EXPORT out=OUT
+    python launch/tune.py --config configs/tune/paper.yaml data.shards=SHARDS init=models:/cmunet-pretrain/3 out=OUT search.address=auto
+
+Every lr x batch size is one trial: 3-fold cross-validation on the fine-tuning pool, folds grouped
+by patient, every fold from the same initial weights. The best trial is retrained on the whole
+pool, evaluated once on the test split and registered in MLflow (models:/cmunet@champion).
+Writes OUT/trials.csv, OUT/folds.json, OUT/model/, OUT/test/, OUT/result.json. See docs/tuning.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from cmunet.config import parse_cli
+from cmunet.training.tune import TuneConfig, run_tune
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(TuneConfig, __doc__.split("\n\n")[0], argv)
+    try:
+        run_tune(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

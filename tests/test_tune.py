@@ -1,0 +1,304 @@
+"""The cross-validated search: patient folds, the same initial weights in every fold, a failed
+trial retried on a real local Ray, the MLflow server script, and launch/tune.py end to end up to
+``models:/cmunet@champion``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cmunet.training.tune as tune_module
+from cmunet.config import load_config
+from cmunet.data.splits import load_splits, pool_keys
+from cmunet.data.stream import InMemorySet
+from cmunet.evaluation.evaluate import load_finetuned
+from cmunet.tracking.mlflow_run import Tracker, TrackingConfig
+from cmunet.training.finetune import build_model, cpu_state, patients_of
+from cmunet.training.tune import (FoldScore, SearchConfig, TuneConfig, absolute, cross_validate,
+                                  cv_metrics, finetune_settings, patient_folds, ray_session,
+                                  run_trial, run_tune, search)
+from conftest import ROOT, load_tool
+
+CPU_YAML = str(ROOT / "configs" / "tune" / "cpu.yaml")
+RATIO = "20-60"  # the wide shards' fine-tuning pool: 15 images of 5 patients
+TINY = ["model_width=8", "train.epochs=2", "train.batch_size=4", "search.batch_size=[4]",
+        f"data.ratio={RATIO}", "search.num_cpus=2", "search.max_concurrent=2"]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def wide_shards(tiny_folder, tmp_path_factory) -> Path:
+    """The tiny images sharded with a fine-tuning pool of 5 patients (enough for patient folds)."""
+    out = tmp_path_factory.mktemp("wide") / "shards"
+    code = load_tool("shard")(["--images", str(tiny_folder / "images"), "--masks",
+                               str(tiny_folder / "masks"), "--meta", str(tiny_folder / "meta.csv"),
+                               "--out", str(out), "--size", "64", "--workers", "1",
+                               "--shard-size", "2", f"ratios=[{RATIO}]"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray (2 CPUs) for the module's Ray tests; searches use a running Ray as it is."""
+    with ray_session(SearchConfig(num_cpus=2)):
+        yield
+
+
+def tiny_cfg(shards: Path, out: Path, *overrides: str) -> TuneConfig:
+    return absolute(load_config(TuneConfig, CPU_YAML, [f"data.shards={shards}", f"out={out}",
+                                                       "init=none", *TINY, *overrides]))
+
+
+def pool_and_folds(cfg: TuneConfig):
+    pool = pool_keys(load_splits(Path(cfg.data.shards) / "splits.json"), "finetune",
+                     cfg.data.ratio)
+    return pool, patient_folds(pool, patients_of(cfg.data.shards), cfg.search.folds, cfg.seed)
+
+
+# ---- folds ---------------------------------------------------------------------------------------
+
+def test_patient_folds_never_share_a_patient_and_cover_the_pool():
+    rng = np.random.default_rng(0)
+    patient_of = {f"k{i:03d}": f"p{p}" for i, p in enumerate(rng.integers(0, 9, size=60))}
+    keys = sorted(patient_of)
+    folds = patient_folds(keys, patient_of, 3, seed=1)
+    assert len(folds) == 3
+    assert sorted(k for _, val in folds for k in val) == keys  # validation sets partition the pool
+    for train, val in folds:
+        assert val and sorted(train + val) == keys
+        assert not {patient_of[k] for k in train} & {patient_of[k] for k in val}
+    largest = max(np.unique(list(patient_of.values()), return_counts=True)[1])
+    sizes = [len(val) for _, val in folds]
+    assert max(sizes) - min(sizes) <= largest  # balanced by images
+    assert patient_folds(keys, patient_of, 3, seed=1) == folds  # seeded
+
+
+def test_patient_folds_fall_back_to_frames_with_a_warning():
+    patient_of = {f"k{i}": f"p{i // 3}" for i in range(6)}  # 2 patients for 3 folds
+    warnings: list[str] = []
+    folds = patient_folds(sorted(patient_of), patient_of, 3, seed=0, warn=warnings.append)
+    assert len(warnings) == 1 and "2 patient(s), fewer than search.folds=3" in warnings[0]
+    assert sorted(k for _, val in folds for k in val) == sorted(patient_of)
+    assert all(len(val) == 2 for _, val in folds)
+    with pytest.raises(ValueError, match="fewer than search.folds=8"):
+        patient_folds(sorted(patient_of), patient_of, 8, seed=0)
+
+
+def test_cv_metrics_mean_std_and_running_fold():
+    scores = [FoldScore(0.5, 3), FoldScore(0.7, 5)]
+    metrics = cv_metrics(scores)
+    assert metrics["cv_dice"] == pytest.approx(0.6)
+    assert metrics["cv_dice_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert metrics["folds_done"] == 2 and metrics["fold2_best_epoch"] == 5
+    assert cv_metrics(scores, current=0.9)["cv_dice"] == pytest.approx(0.7)  # a fold in progress
+
+
+def test_every_fold_starts_from_the_same_weights(wide_shards, tmp_path, monkeypatch):
+    cfg = tiny_cfg(wide_shards, tmp_path, "tracking.enabled=false")
+    settings = finetune_settings(cfg)
+    model, _ = build_model(settings)
+    initial = cpu_state(model)
+    reference = {k: v.clone() for k, v in initial.items()}
+    received, trained = [], []
+    real_fit = tune_module.fit
+
+    def recording_fit(cfg, train_keys, val_keys, initial_state=None, on_epoch=None):
+        received.append({k: v.clone() for k, v in initial_state.items()})
+        result = real_fit(cfg, train_keys, val_keys, initial_state, on_epoch)
+        trained.append(result.best_state)
+        return result
+
+    monkeypatch.setattr(tune_module, "fit", recording_fit)
+    _, folds = pool_and_folds(cfg)
+    reports: list[dict] = []
+    metrics = cross_validate(settings, folds, initial, reports.append, every_epoch=True)
+    assert len(received) == 3
+    for state in received:
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in reference)
+    assert any(not torch.equal(trained[0][k], reference[k]) for k in reference)  # fold 1 trained
+    assert len(reports) == 3 * cfg.train.epochs and reports[-1] == metrics
+    assert metrics["folds_done"] == 3
+    assert metrics["cv_dice"] == pytest.approx(np.mean([metrics[f"fold{k}_dice"]
+                                                        for k in (1, 2, 3)]))
+
+
+def test_the_search_refuses_test_split_images(wide_shards, tmp_path):
+    cfg = tiny_cfg(wide_shards, tmp_path / "out", "tracking.enabled=false")
+    pool, _ = pool_and_folds(cfg)
+    test_key = load_splits(wide_shards / "splits.json")["test"]["keys"][0]
+    with pytest.raises(ValueError, match="include test-split images"):
+        run_tune(cfg, keys=[*pool, test_key])
+
+
+# ---- Ray -----------------------------------------------------------------------------------------
+
+FLAKY_LR = 1e-2
+
+
+def failing_first(marker: Path):
+    """A trial function that fails the first attempt of the trial with lr=FLAKY_LR (creating
+    ``marker``), then runs :func:`run_trial`: failure injection lives here, not in the library."""
+
+    def trainable(config: dict, **kwargs) -> None:
+        if config["lr"] == FLAKY_LR and not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected failure of the first attempt")
+        run_trial(config, **kwargs)
+
+    return trainable
+
+
+@pytest.mark.slow
+def test_a_trial_that_fails_once_is_retried_and_the_asha_search_completes(wide_shards, tmp_path,
+                                                                          local_ray):
+    tracking = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="retry")
+    cfg = replace(tiny_cfg(wide_shards, tmp_path / "out", f"search.lr=[{FLAKY_LR}, 1.0e-3]",
+                           "search.max_failures=1", "search.asha=true"), tracking=tracking)
+    settings = finetune_settings(cfg)
+    model, _ = build_model(settings)
+    _, folds = pool_and_folds(cfg)
+    marker = tmp_path / "failed-once"
+    parent = Tracker(tracking, run_name="search")
+    table = search(cfg, settings, folds, cpu_state(model), parent.run_id, failing_first(marker))
+    parent.close()
+    assert marker.exists()  # the first attempt failed...
+    # ...and the retry ran: every trial ended with a score (ASHA may stop one after a fold)
+    assert {row["status"] for row in table} <= {"COMPLETED", "STOPPED"}
+    assert "COMPLETED" in {row["status"] for row in table}
+    assert all(row["folds_done"] == 3 for row in table if row["status"] == "COMPLETED")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking.uri)
+    children = client.search_runs([client.get_experiment_by_name("retry").experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    failures = {float(r.data.params["train.lr"]): r.data.tags.get("failed_attempts")
+                for r in children}
+    assert failures == {FLAKY_LR: "1", 1e-3: None}  # one child run per trial, retries included
+    assert {r.data.tags["outcome"] for r in children} == {row["status"] for row in table}
+
+
+# ---- MLflow server -------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rest(url: str, body: dict | None = None) -> dict:
+    """GET ``url``, or POST ``body`` as JSON to it; the decoded JSON answer."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_the_mlflow_server_script_answers_the_rest_api(tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen([str(ROOT / "tools" / "mlflow_ui.sh"), "--port", str(port)],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "the MLflow server did not start in 120 s"
+                time.sleep(0.5)
+        tracker = Tracker(TrackingConfig(uri=base, experiment="server-test"), run_name="probe",
+                          params={"train.lr": 0.001})
+        tracker.log_metrics({"cv_dice": 0.5}, step=1)
+        tracker.close()
+        experiment = rest(f"{base}/api/2.0/mlflow/experiments/get-by-name"
+                          "?experiment_name=server-test")["experiment"]
+        runs = rest(f"{base}/api/2.0/mlflow/runs/search",
+                    {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        assert [r["info"]["run_id"] for r in runs] == [tracker.run_id]
+        assert runs[0]["data"]["metrics"][0]["key"] == "cv_dice"
+        assert (tmp_path / "mlflow.db").is_file()  # the default store: ./mlflow.db
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the script's process group: mlflow + uvicorn
+        server.wait(timeout=30)
+
+
+# ---- the job -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_launch_tune_end_to_end_registers_a_loadable_champion(wide_shards, tmp_path, monkeypatch,
+                                                              local_ray):
+    monkeypatch.chdir(tmp_path)  # the default tracking store: ./mlflow.db
+    assert load_tool("tune")(["--config", CPU_YAML, f"data.shards={wide_shards}", "init=none",
+                              "out=OUT", *TINY]) == 0
+    out = tmp_path / "OUT"
+    result = json.loads((out / "result.json").read_text())
+    with (out / "trials.csv").open() as f:
+        trials = list(csv.DictReader(f))
+    assert len(trials) == 2 and {t["status"] for t in trials} == {"COMPLETED"}
+    best = result["best"]
+    assert result["epochs"] == int(np.median([best[f"fold{k}_best_epoch"] for k in (1, 2, 3)]))
+    assert (out / "test" / "metrics.json").is_file()
+    assert (out / "model" / "best.safetensors").is_file()
+    test_keys = set(load_splits(wide_shards / "splits.json")["test"]["keys"])
+    assert not test_keys & {k for fold in json.loads((out / "folds.json").read_text())
+                            for k in fold["validation"]}
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default store, in the working directory
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cmunet-tune")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = client.get_run(result["parent_run_id"])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 3 and len(children) == 2
+    assert parent.data.metrics["best_cv_dice"] == pytest.approx(best["cv_dice"])
+    assert "test_dice" in parent.data.metrics and parent.data.params["search.folds"] == "3"
+    assert "trials.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    for child in children:
+        metrics = child.data.metrics
+        assert {f"fold{k}_{m}" for k in (1, 2, 3) for m in ("dice", "best_epoch")} <= set(metrics)
+        assert metrics["cv_dice"] == pytest.approx(np.mean([metrics[f"fold{k}_dice"]
+                                                            for k in (1, 2, 3)]))
+        assert "cv_dice_std" in metrics and child.info.status == "FINISHED"
+
+    version = client.get_model_version_by_alias("cmunet", "champion")
+    assert str(version.version) == result["registered"]["version"]
+    assert version.tags["cv_dice"] == f"{best['cv_dice']:.5f}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    import mlflow
+
+    model = mlflow.pyfunc.load_model("models:/cmunet@champion")
+    assert model.metadata.signature is not None
+    data = InMemorySet(wide_shards, sorted(test_keys))
+    images = np.stack([data[i]["image"] for i in range(len(data))])  # (N, 1, 64, 64) z-scored
+    probability = model.predict(images)
+    mask = model.predict(images, params={"mask": True})
+    assert probability.shape == mask.shape == (len(data), 64, 64)
+    assert probability.dtype == np.float32 and 0 <= probability.min() <= probability.max() <= 1
+    with torch.no_grad():  # the same UNet as the fine-tuning output folder
+        reference = load_finetuned(out / "model").eval()(torch.from_numpy(images)).argmax(1)
+    np.testing.assert_array_equal(mask, reference.numpy().astype(np.float32))
+    files = {p.name for p in Path(mlflow.artifacts.download_artifacts(
+        "models:/cmunet@champion", dst_path=str(tmp_path / "download"))).rglob("*")}
+    assert {"best.safetensors", "preprocessing.json", "MLmodel"} <= files
