@@ -15,7 +15,9 @@ side and a user can pick one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -26,6 +28,25 @@ MLFLOW_SCHEMES = ("runs:/", "models:/")
 
 def is_mlflow_uri(reference: str) -> bool:
     return reference.startswith(MLFLOW_SCHEMES)
+
+
+@contextlib.contextmanager
+def _process_uris(uri: str):
+    """Point MLflow's process-wide tracking and registry URIs at ``uri`` for the duration:
+    MLflow 3 resolves ``models:/`` and logged-model ``runs:/`` references through them, whatever
+    tracking URI ``download_artifacts`` is given. Both are restored (or unset) afterwards."""
+    import mlflow
+
+    before = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])  # None unsets it
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+        if before["MLFLOW_REGISTRY_URI"] is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 def resolve(reference: str, tracking_uri: str = "", cache: str | Path | None = None) -> Path:
@@ -40,12 +61,15 @@ def resolve(reference: str, tracking_uri: str = "", cache: str | Path | None = N
     import mlflow
 
     uri = resolve_uri(tracking_uri)
-    digest = hashlib.sha256(f"{uri}|{reference}".encode()).hexdigest()[:16]
-    target = Path(cache or Path(tempfile.gettempdir()) / "cmunet-artifacts") / digest
-    target.mkdir(parents=True, exist_ok=True)
+    base = Path(cache or Path(tempfile.gettempdir()) / "cmunet-artifacts")
+    base.mkdir(parents=True, exist_ok=True)
+    # A fresh folder per call: an alias (models:/cmunet@champion) may point elsewhere tomorrow.
+    digest = hashlib.sha256(f"{uri}|{reference}".encode()).hexdigest()[:12]
+    target = tempfile.mkdtemp(prefix=f"{digest}-", dir=base)
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=reference, tracking_uri=uri,
-                                                    dst_path=str(target))
+        with _process_uris(uri):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=reference, tracking_uri=uri,
+                                                        dst_path=target)
     except Exception as err:  # MlflowException, missing run/model/alias
         raise FileNotFoundError(f"cannot fetch {reference} from {uri}: {err}") from None
     return Path(local)

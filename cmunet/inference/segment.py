@@ -1,0 +1,204 @@
+"""The segmentation job: image files -> vessel masks, overlays and per-image diameters.
+
+:func:`run_segment` reads one file or every image directly in a folder (PNG, JPEG, TIFF, DICOM;
+every frame of a multi-frame DICOM), segments them with :func:`cmunet.inference.predict.segment`,
+``batch_size`` frames at a time, and writes to ``out``:
+
+* ``masks/<name>.png`` -- uint8, 0 background / 255 vessel, at the image's original size;
+* ``overlays/<name>.png`` -- the image in gray with the vessels blended in red;
+* ``diameters.csv`` -- one row per image: mean, min and max vessel diameter along the skeleton
+  (:func:`cmunet.evaluation.metrics.diameter_stats`), in mm when the pixel spacing is known (DICOM
+  header, else the ``spacing`` argument), else in pixels; an empty mask gets empty cells and a note;
+* ``errors.csv`` -- ``file, problem`` for every input that could not be used (header only if none).
+
+``<name>`` is the file's stem, ``<stem>_fNNNN`` for the frames of a multi-frame DICOM. Every file is
+written to a temporary name and renamed, so no output is ever half-written. A bad input (unreadable,
+corrupt, too small, constant, colour, or an output name already taken) is reported by name and
+skipped; the others are processed. :attr:`SegmentReport.exit_code` turns the outcome into the exit
+status of ``launch/segment.py``: 0 all done, 3 some inputs failed, 2 nothing segmented.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from cmunet.data.io import IMAGE_SUFFIXES, BadInput, find_images, read_frames
+from cmunet.evaluation.figures import OVERLAY_ALPHA, to_gray_uint8
+from cmunet.evaluation.metrics import diameter_stats
+from cmunet.inference.model import InferenceModel
+from cmunet.inference.predict import SegmentOptions, segment, storage_note
+
+EXIT_OK = 0  # every input segmented
+EXIT_NOTHING = 2  # nothing segmented: no usable image, or the model or arguments were unusable
+EXIT_PARTIAL = 3  # some inputs failed (listed in errors.csv), the others were written
+
+#: Overlay colour of vessel pixels (RGB).
+VESSEL_COLOR = (255, 40, 40)
+DIAMETER_COLUMNS = ("image", "file", "mean_diameter", "min_diameter", "max_diameter", "unit",
+                    "spacing_row_mm", "spacing_col_mm", "skeleton_points", "vessel_pixels", "note")
+
+Spacing = tuple[float, float]
+
+
+@dataclass
+class SegmentReport:
+    images: list[str] = field(default_factory=list)  # output names written, in input order
+    errors: list[BadInput] = field(default_factory=list)  # inputs skipped, in input order
+
+    @property
+    def exit_code(self) -> int:
+        if not self.images:
+            return EXIT_NOTHING
+        return EXIT_PARTIAL if self.errors else EXIT_OK
+
+    def summary(self, out: Path) -> str:
+        lines = [f"segmented {len(self.images)} image(s) into {out}"]
+        if self.errors:
+            lines.append(f"{len(self.errors)} input(s) failed (also in {out / 'errors.csv'}):")
+            lines += [f"  {err}" for err in self.errors]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Frame:
+    """A frame waiting for its batch."""
+
+    name: str
+    file: Path
+    pixels: np.ndarray
+    spacing: Spacing | None
+
+
+def input_files(path: str | Path) -> list[Path]:
+    """The image files to segment: ``path`` itself, or the images directly in the folder."""
+    path = Path(path)
+    if path.is_dir():
+        return find_images(path)
+    if not path.is_file():
+        raise BadInput(path, "does not exist")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise BadInput(path, f"is not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+    return [path]
+
+
+def run_segment(model: InferenceModel, inputs: str | Path, out: str | Path,
+                options: SegmentOptions, spacing: Spacing | None = None,
+                progress: bool = True) -> SegmentReport:
+    """Segment ``inputs`` (a file or a folder) into ``out`` (see the module docstring).
+
+    ``spacing`` (row, col mm) applies to images whose file gives none. Raises BadInput only when
+    ``inputs`` holds no image file at all; problems with single files are collected in the report.
+    """
+    files = input_files(inputs)
+    out = Path(out)
+    for folder in ("masks", "overlays"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    report, rows = SegmentReport(), []
+    pending: list[_Frame] = []
+    sources: dict[str, Path] = {}  # output name -> the file that took it
+    for path in tqdm(files, desc="segment", unit="file", disable=not progress):
+        try:
+            frames = read_frames(path)
+        except BadInput as err:
+            _skip(report, err)
+            continue
+        names = [path.stem] if len(frames) == 1 else [f"{path.stem}_f{i:04d}"
+                                                      for i in range(len(frames))]
+        taken = next((name for name in names if name in sources), None)
+        if taken is not None:
+            _skip(report, BadInput(path, f"its output name {taken} is taken by "
+                                         f"{sources[taken].name}; rename one of the two"))
+            continue
+        for name, frame in zip(names, frames):
+            sources[name] = path
+            pending.append(_Frame(name, path, frame.pixels, frame.spacing or spacing))
+        while len(pending) >= options.batch_size:
+            rows += _segment_batch(model, pending[:options.batch_size], options, out)
+            del pending[:options.batch_size]
+    rows += _segment_batch(model, pending, options, out)
+    report.images = [row["image"] for row in rows]
+    write_csv(out / "diameters.csv", DIAMETER_COLUMNS, rows)
+    write_csv(out / "errors.csv", ("file", "problem"),
+              [{"file": err.path, "problem": err.problem} for err in report.errors])
+    return report
+
+
+def _skip(report: SegmentReport, err: BadInput) -> None:
+    report.errors.append(err)
+    tqdm.write(f"skipped {err}", file=sys.stderr)
+
+
+def _segment_batch(model: InferenceModel, frames: Sequence[_Frame], options: SegmentOptions,
+                   out: Path) -> list[dict]:
+    """Segment ``frames``, write their mask and overlay PNGs; their diameters.csv rows."""
+    if not frames:
+        return []
+    masks = segment(model, [frame.pixels for frame in frames], options)
+    rows = []
+    for frame, mask in zip(frames, masks):
+        write_png(out / "masks" / f"{frame.name}.png", mask.astype(np.uint8) * 255)
+        write_png(out / "overlays" / f"{frame.name}.png", mask_overlay(frame.pixels, mask))
+        note = storage_note(frame.pixels, model.preprocessing)
+        rows.append(diameter_row(frame.name, frame.file.name, mask, frame.spacing, note))
+    return rows
+
+
+def diameter_row(name: str, file: str, mask: np.ndarray, spacing: Spacing | None,
+                 note: str = "") -> dict:
+    """The diameters.csv row of one mask (diameters in mm with ``spacing``, else in pixels)."""
+    stats = diameter_stats(mask, spacing)
+    row = {"image": name, "file": file, "unit": "mm" if spacing else "px",
+           "spacing_row_mm": "" if spacing is None else spacing[0],
+           "spacing_col_mm": "" if spacing is None else spacing[1],
+           "vessel_pixels": int(mask.sum()), "note": note}
+    if stats is None:
+        why = ("empty mask: no vessel found" if not mask.any()
+               else "no diameter: the mask covers the whole image")
+        return row | {"note": "; ".join(filter(None, [why, note]))}
+    return row | {"mean_diameter": f"{stats['mean']:.4f}", "min_diameter": f"{stats['min']:.4f}",
+                  "max_diameter": f"{stats['max']:.4f}", "skeleton_points": stats["n_points"]}
+
+
+def mask_overlay(pixels: np.ndarray, mask: np.ndarray,
+                 alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """RGB uint8: the image in gray (:func:`~cmunet.evaluation.figures.to_gray_uint8`), vessel
+    pixels blended with :data:`VESSEL_COLOR` at opacity ``alpha``."""
+    rgb = np.repeat(to_gray_uint8(pixels)[..., None], 3, axis=2).astype(np.float32)
+    rgb[mask] = (1.0 - alpha) * rgb[mask] + alpha * np.asarray(VESSEL_COLOR, np.float32)
+    return np.rint(rgb).astype(np.uint8)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """Write a uint8 gray or RGB array as a PNG, atomically (temporary name, then rename)."""
+    temporary = _temporary(path)
+    try:
+        Image.fromarray(pixels).save(temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> None:
+    """Write ``rows`` under the header ``columns`` (missing cells empty), atomically."""
+    temporary = _temporary(path)
+    try:
+        with temporary.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
