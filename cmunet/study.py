@@ -1,0 +1,367 @@
+"""The study: pre-training arms x label budgets x seeds, each cell scored once on the test split.
+
+For every arm (a method, or a named variant of one) and seed, pre-training runs once on the
+split's pre-training pool (``launch/pretrain.py`` in a subprocess, so a multi-rank launcher can be
+used); for every label budget the cross-validated search (:func:`cmunet.training.tune.run_tune`)
+fine-tunes from that export on the budget's images, retrains the winner on all of them and
+evaluates it once on the test split. Cells whose test metrics exist are skipped, and pre-training
+resumes from its checkpoints, so an interrupted study continues where it stopped. Everything is
+logged to one MLflow experiment; ``results.csv``, ``results.md`` and ``dice_vs_budget.png`` are
+written at the end (and can be rebuilt from the cells at any time with ``--report``).
+
+Label budgets (``budgets``): ``all`` (the fine-tuning pool of ``data.ratio``), a PT-FT ratio
+(``79-1``: that ratio's fine-tuning pool) or a number of labelled images, drawn round-robin from
+the pool's patients in the splits' seeded patient order: one frame per patient per round, frames
+chosen by the cell's seed, so that few labels still come from several patients (and from several
+patients per cross-validation fold) and smaller budgets are subsets of larger ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from cmunet.config import check, load_config, save_config
+from cmunet.data.splits import load_splits, parse_ratio, pool_keys
+from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("dice", "cldice", "iou", "hd", "add")
+
+
+@dataclass
+class Arm:
+    """A named pre-training variant: a method plus config overrides (pre-training and tuning)."""
+
+    method: str = "cmunet"
+    pretrain: list[str] = field(default_factory=list)  # key=value for launch/pretrain.py
+    tune: list[str] = field(default_factory=list)  # key=value for the fine-tuning search
+    share: str = ""  # reuse this arm's pre-training (a fine-tuning-only variant)
+
+
+@dataclass
+class StudyData:
+    shards: str = ""  # "" = synthetic angiograms made in OUT/data (synthetic_* keys)
+    ratio: str = "50-30"  # the split: its pre-training pool and its fine-tuning pool (budgets)
+    synthetic_count: int = 96
+    synthetic_size: int = 64
+
+
+@dataclass
+class StudyConfig:
+    out: str = ""
+    data: StudyData = field(default_factory=StudyData)
+    arms: list[str] = field(default_factory=lambda: ["none", "cmunet"])  # methods or arm names
+    budgets: list[str] = field(default_factory=lambda: ["all"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    extra_cells: list[str] = field(default_factory=list)  # "arm@budget": added to the grid
+    variants: dict[str, Arm] = field(default_factory=dict)  # arm name -> method and overrides
+    pretrain_config: str = "configs/pretrain/{method}-cpu.yaml"
+    pretrain_overrides: list[str] = field(default_factory=list)
+    pretrain_launcher: str = ""  # "" = this Python; e.g. "deepspeed --num_gpus 2"
+    # true: one pre-training per arm (with the first seed) shared by every seed's fine-tuning --
+    # cheaper, but the spread over seeds then leaves out the pre-training's own variance
+    pretrain_once: bool = False
+    tune_config: str = "configs/tune/cpu.yaml"
+    tune_overrides: list[str] = field(default_factory=list)
+    # fine-tuning length grows for small budgets: each fold's training sees at least this many
+    # samples (epochs = max(train.epochs, ceil(this / fold training images))); 0 = off
+    min_samples_seen: int = 0
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(
+        experiment="cmunet-study"))
+    report_only: bool = False  # rebuild results.csv/.md and the figure from finished cells
+
+    def __post_init__(self):
+        for cell in self.extra_cells:
+            check("@" in cell, "extra_cells", f"entry {cell!r} must look like 'mae@4'")
+        for budget in self.budgets + [c.split("@")[-1] for c in self.extra_cells]:
+            check(budget == "all" or budget.isdigit() or "-" in budget, "budgets",
+                  f"entry {budget!r} must be 'all', a number of images or a PT-FT ratio")
+
+
+@dataclass(frozen=True)
+class Cell:
+    arm: str
+    budget: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-b{self.budget}-s{self.seed}"
+
+
+def arm_of(cfg: StudyConfig, name: str) -> Arm:
+    arm = cfg.variants.get(name, Arm(method=name))
+    if arm.share and arm_of(cfg, arm.share).share:
+        raise ValueError(f"variant {name!r} shares {arm.share!r}, which shares another arm")
+    return arm
+
+
+def cells(cfg: StudyConfig) -> list[Cell]:
+    grid = [(a, b) for a in cfg.arms for b in cfg.budgets]
+    grid += [tuple(c.split("@", 1)) for c in cfg.extra_cells if tuple(c.split("@", 1)) not in grid]
+    return [Cell(a, b, s) for a, b in grid for s in cfg.seeds]
+
+
+def budget_keys(splits: dict, ratio: str, budget: str, patient_of: dict[str, str],
+                seed: int) -> list[str]:
+    """The labelled images of a budget (see the module docstring)."""
+    if budget == "all":
+        return pool_keys(splits, "finetune", ratio)
+    if not budget.isdigit():
+        parse_ratio(budget)
+        return pool_keys(splits, "finetune", budget)
+    pool = set(pool_keys(splits, "finetune", ratio))
+    n = int(budget)
+    if n > len(pool):
+        raise ValueError(f"budget {n} exceeds the {len(pool)} labelled images of the {ratio} pool")
+    rng = random.Random(seed)
+    frames = {}
+    for patient in splits["finetune_order"]:
+        keys = sorted(k for k in pool if patient_of[k] == patient)
+        rng.shuffle(keys)
+        if keys:
+            frames[patient] = keys
+    chosen: list[str] = []
+    while len(chosen) < n:
+        for patient, keys in frames.items():
+            if keys and len(chosen) < n:
+                chosen.append(keys.pop(0))
+    return sorted(chosen)
+
+
+# ---- running -------------------------------------------------------------------------------
+
+def run_study(cfg: StudyConfig, log=print) -> Path:
+    if not cfg.out:
+        raise ValueError("out is not set: give the study folder, e.g. out=runs/study")
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, tracking=replace(cfg.tracking, uri=resolve_uri(cfg.tracking.uri)))
+    if not cfg.data.shards:
+        cfg = replace(cfg, data=replace(cfg.data, shards=str(synthetic_shards(cfg.data, out))))
+    save_config(cfg, out / "study.yaml")
+    if cfg.report_only:
+        return report(cfg, out)
+    todo = cells(cfg)
+    for number, cell in enumerate(todo, start=1):
+        done = out / "cells" / cell.name / "test" / "metrics.json"
+        if done.exists():
+            log(f"[{number}/{len(todo)}] {cell.name}: done, skipped")
+            continue
+        log(f"[{number}/{len(todo)}] {cell.name}")
+        export = pretrain(cfg, cell, out, log)
+        finetune(cfg, cell, export, out, log)
+    return report(cfg, out)
+
+
+def synthetic_shards(data: StudyData, out: Path) -> Path:
+    """Synthetic angiograms and their shards in OUT/data (made once)."""
+    from cmunet.data.sharding import ShardConfig, build_shards
+    from cmunet.data.synth import generate
+
+    shards = out / "data" / "shards"
+    if not (shards / "manifest.json").exists():
+        images = out / "data" / "synthetic"
+        generate(images, count=data.synthetic_count, size=data.synthetic_size, seed=0,
+                 overwrite=True)
+        build_shards(ShardConfig(images=str(images / "images"), masks=str(images / "masks"),
+                                 meta=str(images / "meta.csv"), out=str(shards), overwrite=True),
+                     log=lambda *_: None)
+    return shards
+
+
+def pretrain(cfg: StudyConfig, cell: Cell, out: Path, log) -> str:
+    """The cell's pre-training export (trained now unless it exists), or "none"."""
+    arm = arm_of(cfg, cell.arm)
+    if arm.share:
+        return pretrain(cfg, replace(cell, arm=arm.share), out, log)
+    if arm.method == "none":
+        return "none"
+    seed = cfg.seeds[0] if cfg.pretrain_once else cell.seed
+    folder = out / "pretrain" / f"{cell.arm}-s{seed}"
+    export = folder / "export"
+    if (export / "model.safetensors").exists():
+        return str(export)
+    config = ROOT / cfg.pretrain_config.format(method=arm.method)
+    launcher = shlex.split(cfg.pretrain_launcher) or [sys.executable]
+    command = [*launcher, str(ROOT / "launch" / "pretrain.py"), "--config", str(config),
+               f"data.shards={Path(cfg.data.shards).resolve()}", f"data.ratio={cfg.data.ratio}",
+               f"out={folder}", f"seed={seed}", f"tracking.uri={cfg.tracking.uri}",
+               f"tracking.experiment={cfg.tracking.experiment}",
+               f"tracking.run_name=pretrain {cell.arm} seed {seed}",
+               *cfg.pretrain_overrides, *arm.pretrain]
+    log(f"  pre-training: {shlex.join(command)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "stdout.log").open("a") as stream:
+        code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise RuntimeError(f"pre-training of {cell.arm} seed {seed} failed (exit {code}); "
+                           f"see {folder / 'stdout.log'}")
+    return str(export)
+
+
+def finetune(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> dict:
+    """The cross-validated search on the cell's labels, then one test evaluation."""
+    from cmunet.training.finetune import patients_of
+    from cmunet.training.tune import TuneConfig, run_tune
+
+    arm = arm_of(cfg, cell.arm)
+    splits = load_splits(Path(cfg.data.shards) / "splits.json")
+    keys = budget_keys(splits, cfg.data.ratio, cell.budget, patients_of(cfg.data.shards),
+                       cell.seed)
+    tune_cfg = load_config(TuneConfig, ROOT / cfg.tune_config, [
+        f"data.shards={Path(cfg.data.shards).resolve()}", f"data.ratio={cfg.data.ratio}",
+        f"init={init}", f"out={out / 'cells' / cell.name}", f"seed={cell.seed}",
+        f"tracking.uri={cfg.tracking.uri}", f"tracking.experiment={cfg.tracking.experiment}",
+        f"tracking.run_name=tune {cell.name}", "tracking.register_as=", "alias=",
+        *cfg.tune_overrides, *arm.tune])
+    if cfg.min_samples_seen:
+        per_fold = len(keys) * (tune_cfg.search.folds - 1) / tune_cfg.search.folds
+        epochs = max(tune_cfg.train.epochs, math.ceil(cfg.min_samples_seen / per_fold))
+        tune_cfg = replace(tune_cfg, train=replace(tune_cfg.train, epochs=epochs))
+    log(f"  fine-tuning search on {len(keys)} labelled images, init {init}, "
+        f"{tune_cfg.train.epochs} epochs per fold")
+    return run_tune(tune_cfg, log=lambda m: log(f"  {m}"), keys=keys)
+
+
+# ---- reporting -----------------------------------------------------------------------------
+
+def collect(cfg: StudyConfig, out: Path) -> list[dict]:
+    """One row per finished cell, from the cells' files."""
+    rows = []
+    for cell in cells(cfg):
+        folder = out / "cells" / cell.name
+        metrics_file = folder / "test" / "metrics.json"
+        if not metrics_file.exists():
+            continue
+        metrics = json.loads(metrics_file.read_text())
+        result = json.loads((folder / "result.json").read_text())
+        row = {"arm": cell.arm, "method": arm_of(cfg, cell.arm).method, "budget": cell.budget,
+               "n_labels": len(json.loads((folder / "model" / "result.json").read_text())
+                               ["train_keys"]),
+               "seed": cell.seed, "cv_dice": result["best"]["cv_dice"],
+               "lr": result["best"]["lr"], "batch_size": result["best"]["batch_size"],
+               "epochs": result["epochs"], "params_m": _params(cfg, out, cell)}
+        for name in METRICS:
+            row[name] = (metrics.get(name) or {}).get("mean")
+        row["tune_run_id"] = result.get("parent_run_id")
+        rows.append(row)
+    return rows
+
+
+def _params(cfg: StudyConfig, out: Path, cell: Cell) -> float:
+    """Parameters (millions) of the arm's pre-training model; the plain UNet for 'none'."""
+    from cmunet.methods import build_method
+    from cmunet.models.unet import UNet, count_parameters
+    from cmunet.training.pretrain_config import PretrainConfig
+
+    arm = arm_of(cfg, cell.arm)
+    if arm.share:
+        return _params(cfg, out, replace(cell, arm=arm.share))
+    seed = cfg.seeds[0] if cfg.pretrain_once else cell.seed
+    config = out / "pretrain" / f"{cell.arm}-s{seed}" / "config.yaml"
+    if arm.method == "none" or not config.exists():
+        tune_cfg = json.loads((out / "cells" / cell.name / "model" / "result.json").read_text())
+        return count_parameters(UNet(tune_cfg["width"])) / 1e6
+    return count_parameters(build_method(load_config(PretrainConfig, config))) / 1e6
+
+
+def report(cfg: StudyConfig, out: Path) -> Path:
+    rows = collect(cfg, out)
+    if not rows:
+        raise RuntimeError(f"no finished cell in {out / 'cells'}")
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.md").write_text(table(cfg, rows))
+    figure(cfg, rows, out / "dice_vs_budget.png")
+    return out
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "–"
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.3f} ± {std:.3f}"
+
+
+def _paired_gain(rows: list[dict], arm: str, budget: str, reference: str) -> str:
+    """Mean Dice gain over the reference arm on the same seeds, with a 95% t interval."""
+    from scipy import stats
+
+    mine = {r["seed"]: r["dice"] for r in rows if r["arm"] == arm and r["budget"] == budget}
+    base = {r["seed"]: r["dice"] for r in rows if r["arm"] == reference and r["budget"] == budget}
+    diffs = [mine[s] - base[s] for s in sorted(mine.keys() & base.keys())]
+    if arm == reference or not diffs:
+        return "–"
+    mean = float(np.mean(diffs))
+    if len(diffs) < 2:
+        return f"{mean:+.3f} (n=1)"
+    half = stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / math.sqrt(len(diffs))
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n={len(diffs)})"
+
+
+def table(cfg: StudyConfig, rows: list[dict]) -> str:
+    """Table-I-style markdown: per budget, one line per arm, mean ± std over seeds."""
+    reference = cfg.arms[0]
+    lines = [f"# Study results ({cfg.data.shards}, split {cfg.data.ratio})", "",
+             f"Mean ± std over seeds; HD = modified Hausdorff (px); ADD = artery diameter "
+             f"difference (px); gain = paired Dice difference to `{reference}` with a 95% "
+             "t interval over seeds.", ""]
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    for budget in budgets:
+        here = [r for r in rows if r["budget"] == budget]
+        labels = sorted({r["n_labels"] for r in here})
+        lines += [f"## budget {budget} ({'/'.join(map(str, labels))} labelled images)", "",
+                  "| arm | params (M) | Dice | clDice | IoU | HD | ADD | gain vs "
+                  f"{reference} | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+        for arm in dict.fromkeys(r["arm"] for r in here):
+            mine = [r for r in here if r["arm"] == arm]
+            cells_ = [_mean_std([r[m] for r in mine]) for m in METRICS]
+            lines.append(f"| {arm} | {mine[0]['params_m']:.2f} | {' | '.join(cells_)} | "
+                         f"{_paired_gain(rows, arm, budget, reference)} | {len(mine)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def figure(cfg: StudyConfig, rows: list[dict], path: Path) -> Path:
+    """Dice against the number of labelled images (the paper's Fig. 3), one line per arm."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        points = {}
+        for r in rows:
+            if r["arm"] == arm and r["dice"] is not None:
+                points.setdefault(r["n_labels"], []).append(r["dice"])
+        xs = sorted(points)
+        means = [np.mean(points[x]) for x in xs]
+        stds = [np.std(points[x], ddof=1) if len(points[x]) > 1 else 0 for x in xs]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=arm)
+    ax.set_xscale("log")
+    ticks = sorted({r["n_labels"] for r in rows})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled images for fine-tuning")
+    ax.set_ylabel("test Dice (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, bbox_inches="tight")
+    tmp.replace(path)
+    return path

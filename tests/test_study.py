@@ -1,0 +1,129 @@
+"""The study: label budgets drawn from whole patients, the cell grid, shared pre-training, and
+``launch/study.py --config configs/study/tiny.yaml`` end to end (results, resume, report)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cmunet.config import load_config
+from cmunet.data.splits import load_splits, pool_keys
+from cmunet.study import Arm, Cell, StudyConfig, arm_of, budget_keys, cells
+from cmunet.training.finetune import patients_of
+from conftest import ROOT
+
+TINY = ROOT / "configs" / "study" / "tiny.yaml"
+
+
+def test_study_configs_load():
+    for path in sorted((ROOT / "configs" / "study").glob("*.yaml")):
+        cfg = load_config(StudyConfig, path)
+        assert cells(cfg), path
+
+
+def test_unknown_budget_is_refused():
+    with pytest.raises(ValueError, match="budgets"):
+        StudyConfig(budgets=["few"])
+    with pytest.raises(ValueError, match="extra_cells"):
+        StudyConfig(extra_cells=["mae"])
+
+
+def test_cells_grid_and_extra_cells():
+    cfg = StudyConfig(arms=["none", "cmunet"], budgets=["4", "all"], seeds=[0, 1],
+                      extra_cells=["mae@4", "none@4"])
+    grid = cells(cfg)
+    assert len(grid) == (4 + 1) * 2  # none@4 is already in the grid
+    assert Cell("mae", "4", 1) in grid and Cell("mae", "all", 0) not in grid
+    assert len({c.name for c in grid}) == len(grid)
+
+
+def test_shared_pretraining_cannot_chain():
+    cfg = StudyConfig(variants={"a": Arm(share="cmunet"), "b": Arm(share="a")})
+    assert arm_of(cfg, "a").share == "cmunet"
+    assert arm_of(cfg, "mae").method == "mae"
+    with pytest.raises(ValueError, match="shares"):
+        arm_of(cfg, "b")
+
+
+def test_budgets_come_from_several_patients_and_nest(tiny_shards):
+    splits = load_splits(tiny_shards / "splits.json")
+    patient_of = patients_of(tiny_shards)
+    ratio = "50-30"
+    pool = pool_keys(splits, "finetune", ratio)
+    pool_patients = {patient_of[k] for k in pool}
+    assert len(pool_patients) >= 2
+    for seed in (0, 1):
+        small = budget_keys(splits, ratio, "2", patient_of, seed)
+        large = budget_keys(splits, ratio, str(len(pool_patients) + 1), patient_of, seed)
+        assert len(small) == 2 and len({patient_of[k] for k in small}) == 2  # round-robin
+        assert set(small) <= set(large) <= set(pool)  # smaller budgets are subsets
+        assert budget_keys(splits, ratio, "2", patient_of, seed) == small  # seeded
+    assert set(budget_keys(splits, ratio, "all", patient_of, 0)) == set(pool)
+    draws = {tuple(budget_keys(splits, ratio, "2", patient_of, s)) for s in range(8)}
+    assert len(draws) > 1  # the seed chooses the frames
+    with pytest.raises(ValueError, match="exceeds"):
+        budget_keys(splits, ratio, str(len(pool) + 1), patient_of, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("study") / "out"
+    uri = f"sqlite:///{out.parent / 'mlflow.db'}"
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "study.py"), "--config",
+                           str(TINY), f"out={out}", f"tracking.uri={uri}"],
+                          cwd=out.parent, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, uri
+
+
+def test_tiny_study_writes_results(tiny_study):
+    out, uri = tiny_study
+    cfg = load_config(StudyConfig, TINY)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == len(cells(cfg)) == 8
+    assert {(r["arm"], r["budget"]) for r in rows} == {(a, b) for a in cfg.arms
+                                                       for b in cfg.budgets}
+    for row in rows:
+        assert 0.0 <= float(row["dice"]) <= 1.0
+        assert int(row["n_labels"]) == 4 if row["budget"] == "4" else int(row["n_labels"]) > 4
+    # every cell fine-tuned on its budget only, never on a test key
+    splits = load_splits(out / "data" / "shards" / "splits.json")
+    for folder in (out / "cells").iterdir():
+        train_keys = json.loads((folder / "model" / "result.json").read_text())["train_keys"]
+        assert not set(train_keys) & set(splits["test"]["keys"])
+    # per-seed pre-training (pretrain_once is false in the tiny config)
+    assert sorted(p.name for p in (out / "pretrain").iterdir()) == ["cmunet-s0", "cmunet-s1"]
+    table = (out / "results.md").read_text()
+    assert "| cmunet |" in table and "gain vs none" in table and "(n=2)" in table
+    assert (out / "dice_vs_budget.png").stat().st_size > 1000
+
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    names = {r.info.run_name for r in runs}
+    assert {f"tune {c.name}" for c in cells(cfg)} <= names
+    assert "pretrain cmunet seed 0" in names
+
+
+def test_tiny_study_resumes_and_reports(tiny_study):
+    out, uri = tiny_study
+    before = (out / "results.csv").read_text()
+    (out / "results.csv").unlink()
+    again = subprocess.run([sys.executable, str(ROOT / "launch" / "study.py"), "--config",
+                            str(TINY), f"out={out}", f"tracking.uri={uri}"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done, skipped") == 8
+    assert "pre-training:" not in again.stdout
+    assert (out / "results.csv").read_text() == before
+    report = subprocess.run([sys.executable, str(ROOT / "launch" / "study.py"), "--config",
+                             str(TINY), f"out={out}", f"tracking.uri={uri}", "report_only=true"],
+                            capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (out / "results.csv").read_text() == before
