@@ -23,8 +23,6 @@ import json
 import math
 import random
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 from cmunet.config import check, load_config, save_config
 from cmunet.data.splits import load_splits, parse_ratio, pool_keys
 from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
+from cmunet.training.launcher import pretrain_command, run_logged
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("dice", "cldice", "iou", "hd", "add")
@@ -64,6 +63,7 @@ class StudyConfig:
     budgets: list[str] = field(default_factory=lambda: ["all"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     extra_cells: list[str] = field(default_factory=list)  # "arm@budget": added to the grid
+    extra_seeds: list[int] = field(default_factory=list)  # seeds of extra_cells ([] = seeds)
     variants: dict[str, Arm] = field(default_factory=dict)  # arm name -> method and overrides
     pretrain_config: str = "configs/pretrain/{method}-cpu.yaml"
     pretrain_overrides: list[str] = field(default_factory=list)
@@ -108,8 +108,10 @@ def arm_of(cfg: StudyConfig, name: str) -> Arm:
 
 def cells(cfg: StudyConfig) -> list[Cell]:
     grid = [(a, b) for a in cfg.arms for b in cfg.budgets]
-    grid += [tuple(c.split("@", 1)) for c in cfg.extra_cells if tuple(c.split("@", 1)) not in grid]
-    return [Cell(a, b, s) for a, b in grid for s in cfg.seeds]
+    extra = [tuple(c.split("@", 1)) for c in cfg.extra_cells]
+    return ([Cell(a, b, s) for a, b in grid for s in cfg.seeds]
+            + [Cell(a, b, s) for a, b in extra if (a, b) not in grid
+               for s in cfg.extra_seeds or cfg.seeds])
 
 
 def budget_keys(splits: dict, ratio: str, budget: str, patient_of: dict[str, str],
@@ -193,20 +195,14 @@ def pretrain(cfg: StudyConfig, cell: Cell, out: Path, log) -> str:
     if (export / "model.safetensors").exists():
         return str(export)
     config = ROOT / cfg.pretrain_config.format(method=arm.method)
-    launcher = shlex.split(cfg.pretrain_launcher) or [sys.executable]
-    command = [*launcher, str(ROOT / "launch" / "pretrain.py"), "--config", str(config),
-               f"data.shards={Path(cfg.data.shards).resolve()}", f"data.ratio={cfg.data.ratio}",
-               f"out={folder}", f"seed={seed}", f"tracking.uri={cfg.tracking.uri}",
-               f"tracking.experiment={cfg.tracking.experiment}",
-               f"tracking.run_name=pretrain {cell.arm} seed {seed}",
-               *cfg.pretrain_overrides, *arm.pretrain]
+    command = pretrain_command(cfg.pretrain_launcher, config, [
+        f"data.shards={Path(cfg.data.shards).resolve()}", f"data.ratio={cfg.data.ratio}",
+        f"out={folder}", f"seed={seed}", f"tracking.uri={cfg.tracking.uri}",
+        f"tracking.experiment={cfg.tracking.experiment}",
+        f"tracking.run_name=pretrain {cell.arm} seed {seed}",
+        *cfg.pretrain_overrides, *arm.pretrain])
     log(f"  pre-training: {shlex.join(command)}")
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "stdout.log").open("a") as stream:
-        code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise RuntimeError(f"pre-training of {cell.arm} seed {seed} failed (exit {code}); "
-                           f"see {folder / 'stdout.log'}")
+    run_logged(command, folder / "stdout.log", f"pre-training of {cell.arm} seed {seed}")
     return str(export)
 
 
@@ -286,6 +282,7 @@ def report(cfg: StudyConfig, out: Path) -> Path:
         writer.writerows(rows)
     (out / "results.md").write_text(table(cfg, rows))
     figure(cfg, rows, out / "dice_vs_budget.png")
+    loss_curves(sorted((out / "pretrain").glob("*/log.csv")), out / "pretrain_losses.png")
     return out
 
 
@@ -365,3 +362,34 @@ def figure(cfg: StudyConfig, rows: list[dict], path: Path) -> Path:
     fig.savefig(tmp, bbox_inches="tight")
     tmp.replace(path)
     return path
+
+
+def loss_curves(logs: list[Path], path: Path) -> Path | None:
+    """Each pre-training's loss terms per epoch (means of the logged steps), one panel per arm."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not logs:
+        return None
+    columns = 4
+    rows_ = math.ceil(len(logs) / columns)
+    fig = Figure(figsize=(3.2 * min(columns, len(logs)), 2.6 * rows_), dpi=110)
+    FigureCanvasAgg(fig)
+    for number, log in enumerate(logs, start=1):
+        ax = fig.add_subplot(rows_, min(columns, len(logs)), number)
+        table_ = list(csv.DictReader(log.open()))
+        epochs = sorted({float(r["epoch"]) for r in table_})
+        for name in [c for c in (table_[0] if table_ else {}) if c.startswith("loss")]:
+            means = [np.mean([float(r[name]) for r in table_ if float(r["epoch"]) == e])
+                     for e in epochs]
+            ax.plot(epochs, means, label=name)
+        ax.set_title(log.parent.name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path
+

@@ -40,6 +40,9 @@ def test_cells_grid_and_extra_cells():
     assert len(grid) == (4 + 1) * 2  # none@4 is already in the grid
     assert Cell("mae", "4", 1) in grid and Cell("mae", "all", 0) not in grid
     assert len({c.name for c in grid}) == len(grid)
+    fewer = cells(StudyConfig(arms=["none"], budgets=["4"], seeds=[0, 1, 2],
+                              extra_cells=["mae@4"], extra_seeds=[0]))
+    assert [c.name for c in fewer] == ["none-b4-s0", "none-b4-s1", "none-b4-s2", "mae-b4-s0"]
 
 
 def test_shared_pretraining_cannot_chain():
@@ -101,6 +104,7 @@ def test_tiny_study_writes_results(tiny_study):
     table = (out / "results.md").read_text()
     assert "| cmunet |" in table and "gain vs none" in table and "(n=2)" in table
     assert (out / "dice_vs_budget.png").stat().st_size > 1000
+    assert (out / "pretrain_losses.png").stat().st_size > 1000
 
     import mlflow
     client = mlflow.MlflowClient(tracking_uri=uri)

@@ -1,0 +1,38 @@
+"""Pre-training as a subprocess, for jobs that chain stages (the study, the demo).
+
+``launch/pretrain.py`` runs under a launcher (``deepspeed --num_gpus 2``, ``torchrun
+--nproc_per_node 2``) or plain Python. Two jobs on one machine must not share the launcher's
+default rendezvous port, so a free port is added unless the launcher names one.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from cmunet.training.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+PORT_FLAGS = {"deepspeed": "--master_port", "torchrun": "--master-port"}
+
+
+def pretrain_command(launcher: str, config: str | Path, overrides: list[str]) -> list[str]:
+    """The command line running ``launch/pretrain.py --config CONFIG overrides...``."""
+    words = shlex.split(launcher) or [sys.executable]
+    flag = PORT_FLAGS.get(Path(words[0]).name)
+    if flag and not any(w.startswith(("--master_port", "--master-port")) for w in words):
+        words += [f"{flag}={free_port()}"]
+    return [*words, str(ROOT / "launch" / "pretrain.py"), "--config", str(config), *overrides]
+
+
+def run_logged(command: list[str], log_file: Path, what: str) -> None:
+    """Run ``command`` with its output appended to ``log_file``; raise naming the log on failure."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a") as stream:
+        stream.write(f"$ {shlex.join(command)}\n")
+        stream.flush()
+        code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise RuntimeError(f"{what} failed (exit {code}); see {log_file}")
