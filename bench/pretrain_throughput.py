@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -23,6 +24,7 @@ from cmunet.config import load_config
 from cmunet.training.distributed import free_port
 from cmunet.training.pretrain_config import PretrainConfig
 
+CONFIG = Path(__file__).resolve().parents[1] / "configs/pretrain/cmunet-cpu.yaml"
 CASES = [(16, 128, 16), (32, 256, 8)]  # width, view size, micro batch per rank
 
 
@@ -36,8 +38,13 @@ def matmul_rate(dtype: torch.dtype, threads: int, n: int = 2048, repeats: int = 
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
+def key(case: tuple, precision: str, world: int) -> str:
+    """The name of one measurement in :func:`main`'s results, e.g. ``w=16 128² bf16 2r``."""
+    return f"w={case[0]} {case[1]}² {precision} {world}r"
+
+
 def _config(width: int, size: int, batch: int, precision: str) -> PretrainConfig:
-    return load_config(PretrainConfig, "configs/pretrain/cmunet-cpu.yaml", [
+    return load_config(PretrainConfig, CONFIG, [
         f"model.width={width}", f"view_size={size}", f"train.micro_batch={batch}",
         f"train.precision={precision}", "cmunet.mlp_hidden=2048", "cmunet.mlp_out=256"])
 
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
                 measure(case, precision, world, args.steps, out)
     print(f"\n{'case':<16}{'precision':<10}{'ranks':>6}{'img/s':>9}{'GFLOP/s':>10}"
           f"{'/bf16 matmul':>14}{'2r/1r':>8}")
-    results = {}
+    results = {"matmul_flop_s": rates}
     for case in cases:
         for precision in precisions:
             for world in (1, 2):
@@ -122,9 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
                 label = f"w={case[0]} {case[1]}²"
                 print(f"{label:<16}{precision:<10}{world:>6}{images:>9.2f}{flops / 1e9:>10.1f}"
                       f"{ratio:>14.2f}{scaling:>8.2f}")
-                results[f"{label} {precision} {world}r"] = {"images_per_s": images,
-                                                            "flop_ratio": ratio,
-                                                            "scaling_2r_1r": scaling}
+                results[key(case, precision, world)] = {"images_per_s": images, "flop_s": flops,
+                                                        "flop_ratio": ratio,
+                                                        "scaling_2r_1r": scaling}
     return results
 
 

@@ -36,9 +36,8 @@ class DemoConfig:
     ratio: str = "70-10"  # PT-FT split: 112 unlabelled frames, 16 labelled (4 patients), 32 test
     pretrain_config: str = "configs/pretrain/cmunet-cpu.yaml"
     pretrain_launcher: str = "deepspeed --num_gpus 2"  # "" = one process (plain Python)
-    # lr = base_lr x global batch (16) / 256 = 1e-3
     pretrain_overrides: list[str] = field(default_factory=lambda: [
-        "train.epochs=40", "train.warmup_epochs=4", "train.base_lr=1.6e-2",
+        "train.epochs=40", "train.warmup_epochs=4",
         "train.figure_every=10", "train.checkpoint_every=100"])
     tune_config: str = "configs/tune/cpu.yaml"
     tune_overrides: list[str] = field(default_factory=lambda: [
