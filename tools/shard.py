@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--salt", help="secret for hashing DICOM patient ids (default: "
                                        "$CMUNET_SALT, else random per run); never stored")
-    parser.add_argument("--config", help="YAML file of shard settings (see configs/data/)")
+    parser.add_argument("--config", help="YAML file of shard settings (keys: docs/configuration.md, ShardConfig)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAGS.items()

@@ -37,14 +37,23 @@ def complete_checkpoints(folder: Path) -> list[tuple[int, Path, dict]]:
     return sorted(found, key=lambda item: item[0])
 
 
-def find_resumable(folder: Path, want: dict, log=print) -> tuple[str, dict] | None:
-    """(tag, client_state) of the newest complete checkpoint whose fingerprint matches."""
-    for step, path, data in reversed(complete_checkpoints(folder)):
+def find_resumable(folder: Path, want: dict) -> tuple[str, dict] | None:
+    """(tag, client_state) of the newest complete checkpoint, None if there is none.
+
+    Raises ValueError when the folder holds checkpoints of another setup (world size, batch
+    layout, model...): starting over beside them would overwrite or prune them, and they cannot
+    be resumed (ZeRO partitions and the data position depend on that setup)."""
+    complete = complete_checkpoints(folder)
+    for step, path, data in reversed(complete):
         if data["fingerprint"] == want:
             return path.name, data["client_state"]
-        diff = {k: (data["fingerprint"].get(k), v) for k, v in want.items()
-                if data["fingerprint"].get(k) != v}
-        log(f"not resuming from {path}: it was made with another setup {diff} (checkpoint, this run)")
+    if complete:
+        _, path, data = complete[-1]
+        diff = ", ".join(f"{k}: {data['fingerprint'].get(k)} there, {v} now" for k, v in
+                         want.items() if data["fingerprint"].get(k) != v)
+        raise ValueError(f"{folder} holds checkpoints of another setup ({diff}); they cannot be "
+                         "resumed with this one. Relaunch with the same settings, give a new out=, "
+                         "or move the folder away to start over")
     return None
 
 

@@ -3,8 +3,9 @@
 * plain `python`: RANK/WORLD_SIZE/LOCAL_RANK default to a single process, MASTER_ADDR to
   127.0.0.1 and MASTER_PORT to a free port (else DeepSpeed would look for MPI);
 * CUDA -> NCCL, one GPU per local rank; CPU -> gloo;
-* CPU threads: each rank gets cores / local ranks threads unless OMP_NUM_THREADS is set (the
-  launchers do not set it; 2 ranks x all cores each ran 3x slower here);
+* CPU threads: each rank gets cores / local ranks threads unless OMP_NUM_THREADS is set
+  (deepspeed's launcher does not set it, torchrun sets 1 for several local ranks; 2 ranks x all
+  cores each ran 3x slower here);
 * DeepSpeed's shared-memory all-reduce op is only used for inference but is JIT-compiled
   (tens of seconds) when DeepSpeed starts on CPU: it is marked unavailable before start-up.
 """

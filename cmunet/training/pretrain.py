@@ -109,7 +109,7 @@ class _Run:
                  f" steps/epoch, {self.total_steps} steps")
 
     def _resume(self) -> None:
-        found = ckpt.find_resumable(self.ckpt_dir, self.fingerprint, self.log) \
+        found = ckpt.find_resumable(self.ckpt_dir, self.fingerprint) \
             if self.ckpt_dir.is_dir() else None
         if found is None:
             return
