@@ -15,6 +15,7 @@ skipped, so an interrupted demo continues where it stopped (delete ``out`` to st
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from dataclasses import dataclass, field, replace
@@ -41,7 +42,7 @@ class DemoConfig:
         "train.figure_every=10", "train.checkpoint_every=100"])
     tune_config: str = "configs/tune/cpu.yaml"
     tune_overrides: list[str] = field(default_factory=lambda: [
-        "train.epochs=30", "search.folds=3", "eval.overlays=4"])
+        "train.epochs=30", "search.folds=3", "search.verbose=0", "eval.overlays=4"])
     # register_as: the pre-trained search's winner is registered under it (alias champion)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(
         experiment="cmunet-demo", register_as="cmunet-demo"))
@@ -59,6 +60,7 @@ def stage(title: str) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     start = time.perf_counter()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a short log
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri = resolve_uri(cfg.tracking.uri or f"sqlite:///{out / 'mlflow.db'}")

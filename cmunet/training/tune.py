@@ -77,6 +77,7 @@ class SearchConfig:
     num_cpus: int = 0  # local Ray only: CPUs it may use (0 = every core)
     temp_dir: str = "/tmp/ray-cmunet"  # local Ray only: its session folder (short: socket paths)
     storage: str = ""  # Ray Tune's result folder ("" = OUT/ray); shared or s3:// on a cluster
+    verbose: int = 1  # Ray Tune's console output: 0 quiet, 1 trial status tables, 2 + results
 
     def __post_init__(self):
         check(len(self.lr) > 0 and all(v > 0 for v in self.lr), "lr", "must be positive values")
@@ -334,7 +335,7 @@ def search(cfg: TuneConfig, settings: FinetuneConfig, folds: Folds,
             name="search", storage_path=s.storage or str(Path(cfg.out) / "ray"),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             callbacks=[TrialLog(cfg.tracking, parent_run_id, len(folds))] if parent_run_id else [],
-            verbose=1))
+            verbose=s.verbose))
     return trials_table(tuner.fit(), len(folds))
 
 
