@@ -45,3 +45,16 @@ def test_demo_runs_the_pipeline_and_resumes(tmp_path):
     # relaunching keeps every finished stage
     again = run_demo(out)
     assert again.count("exists, kept") >= 5 and "--master_port" not in again
+
+
+def test_launcher_is_taken_from_this_environment(monkeypatch):
+    from pathlib import Path
+
+    from cmunet.training.launcher import pretrain_command
+
+    monkeypatch.setenv("PATH", "/nonexistent")  # as under `make demo`: the venv is not active
+    command = pretrain_command("deepspeed --num_gpus 2", "c.yaml", ["out=x"])
+    assert command[0] == str(Path(sys.executable).parent / "deepspeed")
+    assert command[1:3] == ["--num_gpus", "2"] and command[3].startswith("--master_port=")
+    assert pretrain_command("", "c.yaml", [])[0] == sys.executable
+    assert "--master_port=1" in pretrain_command("deepspeed --master_port=1", "c.yaml", [])

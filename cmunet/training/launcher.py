@@ -2,7 +2,9 @@
 
 ``launch/pretrain.py`` runs under a launcher (``deepspeed --num_gpus 2``, ``torchrun
 --nproc_per_node 2``) or plain Python. Two jobs on one machine must not share the launcher's
-default rendezvous port, so a free port is added unless the launcher names one.
+default rendezvous port, so a free port is added unless the launcher names one. The launcher is
+taken from this Python's environment when it is installed there, so that ``.venv/bin/python
+launch/demo.py`` works without activating the environment.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ PORT_FLAGS = {"deepspeed": "--master_port", "torchrun": "--master-port"}
 def pretrain_command(launcher: str, config: str | Path, overrides: list[str]) -> list[str]:
     """The command line running ``launch/pretrain.py --config CONFIG overrides...``."""
     words = shlex.split(launcher) or [sys.executable]
+    beside = Path(sys.executable).parent / words[0]  # this environment's deepspeed / torchrun,
+    if "/" not in words[0] and beside.is_file():  # also when it is not on PATH (make demo)
+        words[0] = str(beside)
     flag = PORT_FLAGS.get(Path(words[0]).name)
     if flag and not any(w.startswith(("--master_port", "--master-port")) for w in words):
         words += [f"{flag}={free_port()}"]
