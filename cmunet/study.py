@@ -357,7 +357,7 @@ def figure(cfg: StudyConfig, rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("labelled images for fine-tuning")
     ax.set_ylabel("test Dice (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, bbox_inches="tight")
     tmp.replace(path)
