@@ -22,7 +22,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cmunet.models.unet import UNet
+from cmunet.models.unet import UNet, count_parameters
 from cmunet.training.precision import autocast, use_bf16
 from pretrain_throughput import matmul_rate
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     fp32_seconds = forward_time(net, image, args.repeats, False)[0] if bf16 else seconds
     floor = flops / rate
     results = {"size": args.size, "width": args.width, "precision": precision,
-               "params": sum(p.numel() for p in net.parameters()), "flops": flops,
+               "params": count_parameters(net), "flops": flops,
                "seconds": seconds, "flop_s": flops / seconds, "matmul_flop_s": rate,
                "floor_seconds": floor, "time_over_floor": seconds / floor,
                "fp32_seconds": fp32_seconds, "speedup_over_fp32": fp32_seconds / seconds}

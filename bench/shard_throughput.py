@@ -26,9 +26,7 @@ from cmunet.data.synth import generate
 
 
 def shard_rate(folder: Path, out: Path, workers: int) -> float:
-    cfg = ShardConfig(images=str(folder / "images"), masks=str(folder / "masks"),
-                      meta=str(folder / "meta.csv"), out=str(out), workers=workers,
-                      overwrite=True)
+    cfg = ShardConfig.for_folder(folder, out, workers=workers, overwrite=True)
     start = time.perf_counter()
     manifest = build_shards(cfg, log=lambda *_: None)
     return manifest["count"] / (time.perf_counter() - start)

@@ -25,7 +25,7 @@ import numpy as np
 
 from cmunet.config import check, load_config, save_config
 from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
-from cmunet.training.launcher import ROOT, pretrain_command, run_logged
+from cmunet.training.launcher import ROOT, job_overrides, pretrain_command, run_logged
 
 
 @dataclass
@@ -116,9 +116,8 @@ def make_shards(cfg: DemoConfig, images: Path, shards: Path) -> Path:
     from cmunet.data.splits import load_splits
 
     if not (shards / "manifest.json").exists():
-        build_shards(ShardConfig(images=str(images / "images"), masks=str(images / "masks"),
-                                 meta=str(images / "meta.csv"), out=str(shards),
-                                 ratios=[cfg.ratio], overwrite=True), log=lambda *_: None)
+        build_shards(ShardConfig.for_folder(images, shards, ratios=[cfg.ratio], overwrite=True),
+                     log=lambda *_: None)
     manifest = json.loads((shards / "manifest.json").read_text())
     pools = load_splits(shards / "splits.json")
     split = pools["ratios"][cfg.ratio]
@@ -135,9 +134,8 @@ def pretrain(cfg: DemoConfig, shards: Path, folder: Path) -> Path:
         print(f"  {export} exists, kept")
         return export
     command = pretrain_command(cfg.pretrain_launcher, ROOT / cfg.pretrain_config, [
-        f"data.shards={shards}", f"data.ratio={cfg.ratio}", f"out={folder}",
-        f"tracking.uri={cfg.tracking.uri}", f"tracking.experiment={cfg.tracking.experiment}",
-        "tracking.run_name=demo pre-training", *cfg.pretrain_overrides])
+        *job_overrides(shards, cfg.ratio, folder, cfg.tracking, "demo pre-training"),
+        *cfg.pretrain_overrides])
     print(f"  {shlex.join(command)}\n  (log: {folder / 'stdout.log'})", flush=True)
     run_logged(command, folder / "stdout.log", "pre-training")
     losses = _last_row(folder / "log.csv")
@@ -166,10 +164,9 @@ def tune(cfg: DemoConfig, shards: Path, init: str, folder: Path, register: bool)
         return json.loads((folder / "result.json").read_text())
     width = load_config(PretrainConfig, ROOT / cfg.pretrain_config, cfg.pretrain_overrides)
     tune_cfg = load_config(TuneConfig, ROOT / cfg.tune_config, [
-        f"data.shards={shards}", f"data.ratio={cfg.ratio}", f"init={init}", f"out={folder}",
-        f"model_width={width.model.width}", f"tracking.uri={cfg.tracking.uri}",
-        f"tracking.experiment={cfg.tracking.experiment}",
-        f"tracking.run_name=demo search init={'pre-trained' if register else 'none'}",
+        *job_overrides(shards, cfg.ratio, folder, cfg.tracking,
+                       f"demo search init={'pre-trained' if register else 'none'}"),
+        f"init={init}", f"model_width={width.model.width}",
         f"tracking.register_as={cfg.tracking.register_as if register else ''}",
         f"alias={'champion' if register else ''}", *cfg.tune_overrides])
     print(f"  init={init}", flush=True)

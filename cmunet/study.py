@@ -31,9 +31,8 @@ import numpy as np
 from cmunet.config import check, load_config, save_config
 from cmunet.data.splits import load_splits, parse_ratio, pool_keys
 from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
-from cmunet.training.launcher import pretrain_command, run_logged
+from cmunet.training.launcher import ROOT, job_overrides, pretrain_command, run_logged
 
-ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("dice", "cldice", "iou", "hd", "add")
 
 
@@ -176,9 +175,7 @@ def synthetic_shards(data: StudyData, out: Path) -> Path:
         images = out / "data" / "synthetic"
         generate(images, count=data.synthetic_count, size=data.synthetic_size, seed=0,
                  overwrite=True)
-        build_shards(ShardConfig(images=str(images / "images"), masks=str(images / "masks"),
-                                 meta=str(images / "meta.csv"), out=str(shards), overwrite=True),
-                     log=lambda *_: None)
+        build_shards(ShardConfig.for_folder(images, shards, overwrite=True), log=lambda *_: None)
     return shards
 
 
@@ -196,11 +193,9 @@ def pretrain(cfg: StudyConfig, cell: Cell, out: Path, log) -> str:
         return str(export)
     config = ROOT / cfg.pretrain_config.format(method=arm.method)
     command = pretrain_command(cfg.pretrain_launcher, config, [
-        f"data.shards={Path(cfg.data.shards).resolve()}", f"data.ratio={cfg.data.ratio}",
-        f"out={folder}", f"seed={seed}", f"tracking.uri={cfg.tracking.uri}",
-        f"tracking.experiment={cfg.tracking.experiment}",
-        f"tracking.run_name=pretrain {cell.arm} seed {seed}",
-        *cfg.pretrain_overrides, *arm.pretrain])
+        *job_overrides(cfg.data.shards, cfg.data.ratio, folder, cfg.tracking,
+                       f"pretrain {cell.arm} seed {seed}"),
+        f"seed={seed}", *cfg.pretrain_overrides, *arm.pretrain])
     log(f"  pre-training: {shlex.join(command)}")
     run_logged(command, folder / "stdout.log", f"pre-training of {cell.arm} seed {seed}")
     return str(export)
@@ -216,10 +211,9 @@ def finetune(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> dict:
     keys = budget_keys(splits, cfg.data.ratio, cell.budget, patients_of(cfg.data.shards),
                        cell.seed)
     tune_cfg = load_config(TuneConfig, ROOT / cfg.tune_config, [
-        f"data.shards={Path(cfg.data.shards).resolve()}", f"data.ratio={cfg.data.ratio}",
-        f"init={init}", f"out={out / 'cells' / cell.name}", f"seed={cell.seed}",
-        f"tracking.uri={cfg.tracking.uri}", f"tracking.experiment={cfg.tracking.experiment}",
-        f"tracking.run_name=tune {cell.name}", "tracking.register_as=", "alias=",
+        *job_overrides(cfg.data.shards, cfg.data.ratio, out / "cells" / cell.name, cfg.tracking,
+                       f"tune {cell.name}"),
+        f"init={init}", f"seed={cell.seed}", "tracking.register_as=", "alias=",
         *cfg.tune_overrides, *arm.tune])
     if cfg.min_samples_seen:
         per_fold = len(keys) * (tune_cfg.search.folds - 1) / tune_cfg.search.folds

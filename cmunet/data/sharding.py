@@ -60,6 +60,14 @@ class ShardConfig:
         check(self.shard_size >= 0, "shard_size", "must be >= 0")
         check(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
 
+    @classmethod
+    def for_folder(cls, folder: str | Path, out: str | Path, **keys) -> ShardConfig:
+        """The config for FOLDER/images, FOLDER/masks and FOLDER/meta.csv (what tools/synth.py
+        writes) sharded into ``out``; ``keys`` set any other field."""
+        folder = Path(folder)
+        return cls(images=str(folder / "images"), masks=str(folder / "masks"),
+                   meta=str(folder / "meta.csv"), out=str(out), **keys)
+
 
 @dataclass
 class Sample:

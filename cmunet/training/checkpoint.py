@@ -44,7 +44,7 @@ def find_resumable(folder: Path, want: dict) -> tuple[str, dict] | None:
     layout, model...): starting over beside them would overwrite or prune them, and they cannot
     be resumed (ZeRO partitions and the data position depend on that setup)."""
     complete = complete_checkpoints(folder)
-    for step, path, data in reversed(complete):
+    for _, path, data in reversed(complete):
         if data["fingerprint"] == want:
             return path.name, data["client_state"]
     if complete:

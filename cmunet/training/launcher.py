@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cmunet.tracking.mlflow_run import TrackingConfig
 from cmunet.training.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +31,14 @@ def pretrain_command(launcher: str, config: str | Path, overrides: list[str]) ->
     if flag and not any(w.startswith(("--master_port", "--master-port")) for w in words):
         words += [f"{flag}={free_port()}"]
     return [*words, str(ROOT / "launch" / "pretrain.py"), "--config", str(config), *overrides]
+
+
+def job_overrides(shards: str | Path, ratio: str, out: str | Path, tracking: TrackingConfig,
+                  run_name: str) -> list[str]:
+    """The keys every chained job (pre-training, search) gets: its data, output and MLflow run."""
+    return [f"data.shards={Path(shards).resolve()}", f"data.ratio={ratio}", f"out={out}",
+            f"tracking.uri={tracking.uri}", f"tracking.experiment={tracking.experiment}",
+            f"tracking.run_name={run_name}"]
 
 
 def run_logged(command: list[str], log_file: Path, what: str) -> None:
