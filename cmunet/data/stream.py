@@ -1,25 +1,43 @@
 """Loading shards: a streaming WebDataset pipeline for training, a map-style set for small labelled sets.
 
-Streaming (:class:`ShardStream`): every rank and every DataLoader worker reads its own stream.
-With ``resampled=True`` (training) each worker draws shards at random with replacement, seeded by
-(seed, epoch, rank, worker), so the stream never ends and :func:`make_loader` cuts an epoch at a
-fixed number of batches per rank (``with_epoch``): ranks stay in step whatever the shard count.
-Without resampling (one pass, e.g. evaluation) shards are split between ranks, then workers, so
-each sample is read once. Samples are selected by key (from ``splits.json``) before decoding,
-shuffled in a buffer, decoded from PNG (16-bit kept: WebDataset's own decoders would cut it to
-8 bits), z-scored with the manifest's statistics and batched. Only ``image.png``, ``mask.png`` and
-``sample.json`` are ever decoded; nothing is unpickled.
+Streaming (:class:`ShardStream`): an **epoch is a pass**. Every selected sample is delivered once
+per epoch by the whole job (all ranks and DataLoader workers together), in an order that is
+seeded and changes every epoch:
 
-To resume mid-epoch, set ``epoch`` and ``skip_batches``: each worker drops exactly the samples
-of the batches the loader had already delivered, before decoding them.
+1. The epoch's sequence: the selected samples of every folder, grouped by shard (tar order), the
+   shards in an order drawn from (seed, epoch). An extra folder joins with a weight: 1 = each of
+   its samples once per epoch (its share of the stream is its share of the samples), 2 = twice,
+   0.25 = a quarter of them, drawn anew every epoch.
+2. Each rank takes a contiguous, equal part of the sequence: ``batches_per_epoch`` batches (by
+   default the sequence length over world x batch, rounded up, so the last few positions wrap to
+   the start of the sequence and a handful of samples are seen twice). Every rank yields the
+   same number of batches, so ranks stay in step.
+3. A rank's batches go round robin to its DataLoader workers (the loader asks them in that
+   order). Each worker reads only the shards of its own contiguous part, shuffles it in a buffer
+   that starts at one batch and grows to ``shuffle_buffer``, and decodes only what it yields.
+
+A worker's stream runs from ``epoch``/``skip_batches`` to ``epochs`` (None: endless) without
+stopping between epochs, so one loader iterator serves a whole job and the workers (and their
+buffers) live across epoch boundaries. With ``batches_per_epoch`` smaller than a pass, epochs are
+consecutive slices of the passes (each pass with its own order). To resume mid-epoch, set
+``epoch`` and ``skip_batches``: each worker drops exactly the samples of the batches already
+delivered before decoding them; the result is identical to the uninterrupted run for the same
+number of workers.
+
+Samples are decoded from PNG here (16-bit kept: WebDataset's own decoders would cut it to 8 bits)
+and z-scored with each folder's manifest statistics. Only ``image.png``, ``mask.png`` and
+``sample.json`` are ever read; nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -27,7 +45,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 # transform(image float32 (H, W), mask bool (H, W) or None, rng) -> (image, mask)
 Transform = Callable[[np.ndarray, np.ndarray | None, np.random.Generator],
@@ -69,11 +87,16 @@ class _Decoder:
 
     def __call__(self, raw: dict) -> tuple[str, np.ndarray, np.ndarray | None]:
         key = raw["__key__"]
+        where = f"{raw.get('__url__', 'shard')}: sample {key}"
+        if "image.png" not in raw:
+            raise ValueError(f"{where} has no image.png (members: "
+                             f"{', '.join(k for k in raw if not k.startswith('__'))}); "
+                             "rebuild the shards with tools/shard.py")
         image = (decode_png(raw["image.png"]).astype(np.float32) - self.mean) / self.std
         mask = None
         if self.with_masks:
             if "mask.png" not in raw:
-                raise ValueError(f"sample {key} has no mask; select labelled samples only")
+                raise ValueError(f"{where} has no mask; select labelled samples only")
             mask = decode_png(raw["mask.png"]) > 0
         return key, image, mask
 
@@ -94,74 +117,224 @@ def collate(samples: list[dict]) -> dict:
              "image": torch.from_numpy(np.stack([s["image"] for s in samples]))}
     if "mask" in samples[0]:
         batch["mask"] = torch.from_numpy(np.stack([s["mask"] for s in samples]))
+    if "source" in samples[0]:
+        batch["source"] = [s["source"] for s in samples]
     return batch
 
 
+@dataclass(frozen=True)
+class _Source:
+    """One shard folder's part of the stream."""
+    folder: str
+    decoder: _Decoder
+    shards: tuple[tuple[str, tuple[str, ...]], ...]  # (url, selected keys in tar order)
+    weight: float  # visits of each sample per epoch (fractions: a random subset each epoch)
+
+    @property
+    def count(self) -> int:
+        return sum(len(keys) for _, keys in self.shards)
+
+    @property
+    def per_epoch(self) -> int:
+        return round(self.weight * self.count)
+
+
+# (source index, shard url, keys): a run of consecutive samples of one shard
+_Unit = tuple[int, str, tuple[str, ...]]
+
+
 class ShardStream(IterableDataset):
-    """A stream of batches from the shards in ``shards`` whose keys are in ``keys`` (None = all),
-    plus, optionally, ``extra`` (folder, keys) sources mixed in (e.g. unlabeled archives or
-    synthetic angiograms for pre-training); each folder is z-scored with its own statistics."""
+    """Batches from the shards in ``shards`` whose keys are in ``keys`` (None = all), plus,
+    optionally, ``extra`` (folder, keys) sources (unlabelled archives, synthetic angiograms),
+    each z-scored with its own statistics and joining with its weight in ``extra_weights``
+    (default 1: in proportion to its number of samples). See the module docstring."""
 
     def __init__(self, shards: str | Path, keys: Iterable[str] | None, batch_size: int, *,
                  extra: Sequence[tuple[str | Path, Iterable[str] | None]] = (),
-                 seed: int = 0, resampled: bool = True, shuffle_buffer: int = 256,
-                 with_masks: bool = False, transform: Transform | None = None,
-                 rank: int | None = None, world_size: int | None = None):
+                 extra_weights: Sequence[float] | None = None,
+                 seed: int = 0, shuffle_buffer: int = 256, with_masks: bool = False,
+                 transform: Transform | None = None, rank: int | None = None,
+                 world_size: int | None = None, batches_per_epoch: int | None = None,
+                 epochs: int | None = None, with_source: bool = False):
         super().__init__()
-        self.urls: list[str] = []
-        self.source_of: dict[str, tuple[set[str], _Decoder]] = {}  # shard url -> keys, decoder
-        for folder, selection in [(shards, keys), *extra]:
-            manifest = load_manifest(folder)
-            chosen = _selected(folder, manifest, selection)
-            decoder = _Decoder(manifest["mean"], manifest["std"], with_masks)
-            shard_of = {s["key"]: s["shard"] for s in manifest["samples"]}
-            for name in sorted({shard_of[k] for k in chosen}):  # skip shards with nothing chosen
-                url = str(Path(folder) / name)
-                self.urls.append(url)
-                self.source_of[url] = (chosen, decoder)
-        self.keys = set().union(*(chosen for chosen, _ in self.source_of.values()))
-        self.batch_size, self.seed, self.resampled = batch_size, seed, resampled
-        self.shuffle_buffer = shuffle_buffer
-        self.transform = transform
+        weights = [1.0] * len(extra) if extra_weights is None else [float(w) for w in extra_weights]
+        if len(weights) != len(extra) or any(not w >= 0 for w in weights):
+            raise ValueError(f"extra_weights {list(weights)} must give one weight >= 0 per "
+                             f"extra folder ({len(extra)})")
+        self.sources = [_source(folder, selection, weight, with_masks) for (folder, selection),
+                        weight in zip([(shards, keys), *extra], [1.0, *weights])]
+        self.keys = set().union(*({k for _, ks in s.shards for k in ks} for s in self.sources))
+        self.epoch_size = sum(s.per_epoch for s in self.sources)
+        if self.epoch_size == 0:
+            raise ValueError(f"no sample of {shards} or its extra folders is selected")
+        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, max(1, shuffle_buffer)
+        self.transform, self.with_source = transform, with_source
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.skip_batches = 0  # batches of this epoch already consumed (resume)
+        self.batches_per_epoch = batches_per_epoch  # per rank; None = one pass, rounded up
+        self.epoch, self.skip_batches = 0, 0  # where to start (resume)
+        self.epochs = epochs  # where to stop (None: endless)
+
+    def layout(self) -> tuple[int, int, int]:
+        """(rank, world size, batches per rank and epoch) as the workers will see them."""
+        rank, world = rank_and_world()
+        rank = rank if self.rank is None else self.rank
+        world = world if self.world_size is None else self.world_size
+        per_rank = self.batches_per_epoch or math.ceil(self.epoch_size /
+                                                       (world * self.batch_size))
+        return rank, world, per_rank
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rank, world = rank_and_world()
-        rank = rank if self.rank is None else self.rank
-        world = world if self.world_size is None else self.world_size
-        seed = _seed(self.seed, self.epoch, rank, worker)
-        if self.resampled:
-            shard_rng = random.Random(seed)
-            urls = iter(lambda: {"url": shard_rng.choice(self.urls)}, None)
-        else:
-            mine = self.urls[rank::world][worker::workers]
-            if not mine:
-                raise ValueError(f"rank {rank} worker {worker} has no shard: {len(self.urls)} "
-                                 f"shards for {world} ranks x {workers} workers; use fewer "
-                                 "workers or smaller shards")
-            urls = iter([{"url": u} for u in mine])
-        raw = wds.tarfile_to_samples()(urls)
-        raw = (s for s in raw if s["__key__"] in self.source_of[s["__url__"]][0])
-        if self.shuffle_buffer > 1:
-            raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                              rng=random.Random(seed + 1))(raw)
-        skip = len(range(worker, self.skip_batches, workers)) * self.batch_size
+        rank, world, per_epoch = self.layout()
+        start = self.epoch * per_epoch + self.skip_batches  # the rank's batch counter
+        stop = None if self.epochs is None else self.epochs * per_epoch
+        # the loader asks its workers in turn, beginning with worker 0: batch g is made by the
+        # worker whose slot is g % workers
+        slot = (worker + start) % workers
+        epoch = self.epoch
+        while stop is None or epoch * per_epoch < stop:
+            first, end = epoch * per_epoch, (epoch + 1) * per_epoch
+            lo, hi = max(first, start), end if stop is None else min(end, stop)
+            yield from self._epoch(epoch, rank, world, per_epoch, slot, workers,
+                                   own_before=_owned(slot, workers, first, lo),
+                                   own_until=_owned(slot, workers, first, hi))
+            epoch += 1
+
+    def _epoch(self, epoch: int, rank: int, world: int, per_epoch: int, slot: int, workers: int,
+               own_before: int, own_until: int):
+        """This worker's batches of one epoch, from its ``own_before``-th to ``own_until``-th."""
+        if own_until <= own_before:
+            return
+        first = epoch * per_epoch
+        counts = [_owned(s, workers, first, first + per_epoch) for s in range(workers)]
+        per_rank = per_epoch * self.batch_size
+        begin = (epoch * world + rank) * per_rank + sum(counts[:slot]) * self.batch_size
+        pieces = self._pieces(begin, begin + counts[slot] * self.batch_size)
+        seed = _seed(self.seed, epoch, rank, slot, workers)
+        raw = _buffer_shuffle(self._read(pieces), self.shuffle_buffer,
+                              min(self.batch_size, self.shuffle_buffer), random.Random(seed))
         batch: list[dict] = []
-        for index, sample in enumerate(raw):
+        skip = own_before * self.batch_size
+        end = own_until * self.batch_size
+        for index, (source, sample) in enumerate(raw):
             if index < skip:
                 continue
+            if index >= end:
+                break
             rng = np.random.default_rng(_seed(seed, index)) if self.transform else None
-            decoder = self.source_of[sample["__url__"]][1]
-            batch.append(_sample(*decoder(sample), self.transform, rng))
+            item = _sample(*self.sources[source].decoder(sample), self.transform, rng)
+            if self.with_source:
+                item["source"] = source
+            batch.append(item)
             if len(batch) == self.batch_size:
                 yield collate(batch)
                 batch = []
-        if batch and not self.resampled:
-            yield collate(batch)
+
+    # ---- the sequence -------------------------------------------------------------------------
+    def _pieces(self, begin: int, end: int) -> list[_Unit]:
+        """The units covering positions [begin, end) of the job's sequence (one rank's part of
+        one epoch). When an epoch spans at least a pass, epoch e's positions walk pass e and the
+        few past its end wrap to its start; shorter epochs walk through pass after pass."""
+        _, world, per_rank = self.layout()
+        span, n = per_rank * self.batch_size * world, self.epoch_size  # positions of an epoch
+        pieces: list[_Unit] = []
+        while begin < end:
+            if span >= n:
+                pass_index, offset = divmod(begin, span)
+                offset %= n
+            else:
+                pass_index, offset = divmod(begin, n)
+            take = min(end - begin, n - offset)
+            pieces += _cut(self._units(pass_index), offset, offset + take)
+            begin += take
+        return pieces
+
+    @functools.lru_cache(maxsize=2)
+    def _units(self, pass_index: int) -> list[_Unit]:
+        """Pass ``pass_index``: every source's samples (weighted), shard by shard, shards in an
+        order drawn from (seed, pass)."""
+        rng = np.random.default_rng(_seed(self.seed, pass_index, 0x5EED))
+        units: list[_Unit] = []
+        for index, source in enumerate(self.sources):
+            whole, part = divmod(source.per_epoch, source.count)
+            units += [(index, url, keys) for _ in range(whole) for url, keys in source.shards]
+            if part:  # a random subset of the folder, kept in shard and tar order
+                chosen = set(rng.choice(source.count, part, replace=False).tolist())
+                position = 0
+                for url, keys in source.shards:
+                    subset = tuple(k for i, k in enumerate(keys, position) if i in chosen)
+                    position += len(keys)
+                    if subset:
+                        units.append((index, url, subset))
+        return [units[i] for i in rng.permutation(len(units))]
+
+    def _read(self, pieces: list[_Unit]):
+        """(source index, raw sample) of each piece's keys, each shard read once per piece."""
+        for source, url, keys in pieces:
+            wanted = set(keys)
+            found = 0
+            samples = wds.tarfile_to_samples()(iter([{"url": url}]))
+            try:
+                for sample in samples:
+                    if sample["__key__"] in wanted:
+                        yield source, sample
+                        found += 1
+                        if found == len(wanted):
+                            break
+            finally:
+                samples.close()
+            if found < len(wanted):
+                raise ValueError(f"{url} lacks {len(wanted) - found} of the samples its "
+                                 "manifest lists: the shard folder is damaged; rebuild it with "
+                                 "tools/shard.py")
+
+
+def _owned(slot: int, workers: int, first: int, upto: int) -> int:
+    """How many of the batch numbers first..upto-1 fall to ``slot`` (those with g % workers)."""
+    return len(range(first + (slot - first) % workers, upto, workers)) if upto > first else 0
+
+
+def _cut(units: list[_Unit], begin: int, end: int) -> list[_Unit]:
+    """The parts of ``units`` (laid end to end) that cover positions [begin, end)."""
+    pieces, position = [], 0
+    for source, url, keys in units:
+        lo, hi = max(begin - position, 0), min(end - position, len(keys))
+        if lo < hi:
+            pieces.append((source, url, keys[lo:hi]))
+        position += len(keys)
+        if position >= end:
+            break
+    return pieces
+
+
+def _buffer_shuffle(items, size: int, initial: int, rng: random.Random):
+    """Shuffle a stream in a buffer that starts yielding at ``initial`` items and grows by one
+    item per yield up to ``size``; what is left is drained in random order at the end."""
+    buffer: list = []
+    fill = initial
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= fill:
+            index = rng.randrange(len(buffer))
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            yield buffer.pop()
+            fill = min(size, fill + 1)
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _source(folder: str | Path, keys: Iterable[str] | None, weight: float,
+            with_masks: bool) -> _Source:
+    manifest = load_manifest(folder)
+    chosen = _selected(folder, manifest, keys)
+    by_shard: dict[str, list[str]] = {}
+    for sample in manifest["samples"]:  # manifest order = tar order
+        if sample["key"] in chosen:
+            by_shard.setdefault(sample["shard"], []).append(sample["key"])
+    shards = tuple((str(Path(folder) / name), tuple(keys)) for name, keys in by_shard.items())
+    return _Source(str(folder), _Decoder(manifest["mean"], manifest["std"], with_masks),
+                   shards, weight)
 
 
 def _selected(folder: str | Path, manifest: dict, keys: Iterable[str] | None) -> set[str]:
@@ -176,16 +349,12 @@ def _selected(folder: str | Path, manifest: dict, keys: Iterable[str] | None) ->
     return chosen
 
 
-def make_loader(stream: ShardStream, num_workers: int, steps_per_epoch: int | None = None,
-                pin_memory: bool = False) -> wds.WebLoader:
-    """A DataLoader over the stream; with ``steps_per_epoch`` every epoch has exactly that many
-    batches on every rank (the stream must then be resampled)."""
-    if steps_per_epoch is not None and not stream.resampled:
-        raise ValueError("a fixed epoch length needs a resampled stream")
-    loader = wds.WebLoader(stream, batch_size=None, num_workers=num_workers,
-                           pin_memory=pin_memory, persistent_workers=False,
-                           prefetch_factor=2 if num_workers else None)
-    return loader.with_epoch(steps_per_epoch) if steps_per_epoch is not None else loader
+def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over the stream. Take one iterator for the whole job: the stream does not
+    stop between epochs, so its workers (and their shuffle buffers) live from the first batch to
+    the last instead of restarting every epoch."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=2 if num_workers else None)
 
 
 class InMemorySet(Dataset):

@@ -1,8 +1,9 @@
 """The pre-training loop shared by every method: DeepSpeed engine, streaming data, checkpoints,
 exports, MLflow. ``launch/pretrain.py`` only parses the config and calls :func:`pretrain`.
 
-An epoch is a fixed number of optimizer steps per rank (``train.steps_per_epoch``, by default
-the pool size over the global batch), so every rank runs the same number of steps. Randomness of
+An epoch is one pass over the pool (every image once, extra folders by their weight; see
+:mod:`cmunet.data.stream`): the pool size over the global batch, rounded up, optimizer steps on
+every rank (``train.steps_per_epoch`` sets another length). Randomness of
 the views and masks comes from a generator seeded by (seed, step, micro-step, rank), and the data
 stream is seeded by (seed, epoch, rank, worker): a resumed run continues exactly where the
 checkpoint left it.
@@ -60,13 +61,19 @@ class _Run:
         self.manifest = load_manifest(cfg.data.shards)
         splits = load_splits(Path(cfg.data.shards) / "splits.json")
         self.keys = pool_keys(splits, cfg.data.pool, cfg.data.ratio)
-        extra = sum(load_manifest(folder)["count"] for folder in cfg.data.extra_shards)
-        self.pool_size = len(self.keys) + extra
+        self.stream = ShardStream(cfg.data.shards, self.keys, t.micro_batch, seed=cfg.seed,
+                                  extra=[(folder, None) for folder in cfg.data.extra_shards],
+                                  extra_weights=cfg.data.extra_weights or None,
+                                  shuffle_buffer=cfg.data.shuffle_buffer,
+                                  rank=info.rank, world_size=info.world_size)
+        self.pool_size = self.stream.epoch_size  # samples of one pass (extra folders weighted)
         world = info.world_size
         self.global_batch = global_batch(t.micro_batch, t.grad_accum, world)
         self.lr = scaled_lr(t.base_lr, t.micro_batch, t.grad_accum, world)
         self.steps_per_epoch = t.steps_per_epoch or max(
             1, math.ceil(self.pool_size / self.global_batch))
+        self.stream.batches_per_epoch = self.steps_per_epoch * t.grad_accum
+        self.stream.epochs = t.epochs
         self.total_steps = self.steps_per_epoch * t.epochs
         self.bf16 = use_bf16(info.device, t.precision)
 
@@ -125,21 +132,19 @@ class _Run:
         from tqdm import tqdm
 
         cfg, t, state = self.cfg, self.cfg.train, self.state
-        stream = ShardStream(cfg.data.shards, self.keys, t.micro_batch, seed=cfg.seed,
-                             extra=[(folder, None) for folder in cfg.data.extra_shards],
-                             shuffle_buffer=cfg.data.shuffle_buffer,
-                             rank=self.info.rank, world_size=self.info.world_size)
-        loader = make_loader(stream, cfg.data.num_workers, self.steps_per_epoch * t.grad_accum,
-                             pin_memory=self.info.device.type == "cuda")
+        # one loader iterator for the whole job: the stream runs from the resumed position to
+        # the last epoch without stopping, so workers and shuffle buffers live across epochs
+        self.stream.epoch = state["epoch"]
+        self.stream.skip_batches = state["step_in_epoch"] * t.grad_accum
+        batches = iter(make_loader(self.stream, cfg.data.num_workers,
+                                   pin_memory=self.info.device.type == "cuda"))
         bar = tqdm(total=self.total_steps, initial=state["step"], disable=not self.info.is_main,
                    unit="step", dynamic_ncols=True)
         self.window = _Window()
         for epoch in range(state["epoch"], t.epochs):
-            stream.epoch = epoch
-            stream.skip_batches = state["step_in_epoch"] * t.grad_accum
             remaining = (self.steps_per_epoch - state["step_in_epoch"]) * t.grad_accum
             first = None
-            for micro, batch in zip(range(remaining), loader):
+            for micro, batch in zip(range(remaining), batches):
                 images = batch["image"].to(self.info.device, non_blocking=True)
                 if t.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)

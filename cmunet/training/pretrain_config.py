@@ -37,18 +37,24 @@ class PretrainData:
     # more unlabeled images: every sample of these shard folders joins the pool (synthetic
     # angiograms, unlabeled archives) -- never a folder holding your test images
     extra_shards: list[str] = field(default_factory=list)
+    # visits per epoch of each extra folder's samples (one weight per folder; empty = 1 each,
+    # i.e. in proportion to its size); 0.25 = a random quarter of the folder every epoch
+    extra_weights: list[float] = field(default_factory=list)
     num_workers: int = 2  # data-loader processes per rank
     shuffle_buffer: int = 512
 
     def __post_init__(self):
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(not self.extra_weights or len(self.extra_weights) == len(self.extra_shards),
+              "extra_weights", "must give one weight per extra_shards folder (or none)")
+        check(all(w >= 0 for w in self.extra_weights), "extra_weights", "must be >= 0")
 
 
 @dataclass
 class PretrainTrain:
     epochs: int = 300
     warmup_epochs: int = 40  # capped at epochs (a short trial run warms up over all of it)
-    steps_per_epoch: int = 0  # optimizer steps per rank; 0 = pool size / global batch
+    steps_per_epoch: int = 0  # optimizer steps per rank; 0 = one pass: pool / global batch, up
     micro_batch: int = 32  # per rank and micro-step
     grad_accum: int = 1
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
