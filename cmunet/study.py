@@ -25,6 +25,7 @@ import random
 import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -44,6 +45,9 @@ class Arm:
     pretrain: list[str] = field(default_factory=list)  # key=value for launch/pretrain.py
     tune: list[str] = field(default_factory=list)  # key=value for the fine-tuning search
     share: str = ""  # reuse this arm's pre-training (a fine-tuning-only variant)
+    # fine-tune from a periodic export of that pre-training (e.g. "epoch_0030", written with
+    # train.export_epochs) instead of its final export: the doses of a dose-response study
+    export: str = ""
 
 
 @dataclass
@@ -59,6 +63,10 @@ class StudyConfig:
     out: str = ""
     data: StudyData = field(default_factory=StudyData)
     arms: list[str] = field(default_factory=lambda: ["none", "cmunet"])  # methods or arm names
+    reference: str = ""  # the arm gains are measured against ("" = the first arm)
+    # "arm": every seed of an arm, then the next arm; "seed": every arm and budget of a seed,
+    # then the next seed (a study stopped early then holds whole paired comparisons)
+    order: Literal["arm", "seed"] = "arm"
     budgets: list[str] = field(default_factory=lambda: ["all"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     extra_cells: list[str] = field(default_factory=list)  # "arm@budget": added to the grid
@@ -80,6 +88,8 @@ class StudyConfig:
     report_only: bool = False  # rebuild results.csv/.md and the figure from finished cells
 
     def __post_init__(self):
+        check(not self.reference or self.reference in self.arms, "reference",
+              f"{self.reference!r} must be one of arms")
         for cell in self.extra_cells:
             check("@" in cell, "extra_cells", f"entry {cell!r} must look like 'mae@4'")
         for budget in self.budgets + [c.split("@")[-1] for c in self.extra_cells]:
@@ -108,9 +118,12 @@ def arm_of(cfg: StudyConfig, name: str) -> Arm:
 def cells(cfg: StudyConfig) -> list[Cell]:
     grid = [(a, b) for a in cfg.arms for b in cfg.budgets]
     extra = [tuple(c.split("@", 1)) for c in cfg.extra_cells]
-    return ([Cell(a, b, s) for a, b in grid for s in cfg.seeds]
-            + [Cell(a, b, s) for a, b in extra if (a, b) not in grid
-               for s in cfg.extra_seeds or cfg.seeds])
+    if cfg.order == "seed":
+        main = [Cell(a, b, s) for s in cfg.seeds for a, b in grid]
+    else:
+        main = [Cell(a, b, s) for a, b in grid for s in cfg.seeds]
+    return main + [Cell(a, b, s) for a, b in extra if (a, b) not in grid
+                   for s in cfg.extra_seeds or cfg.seeds]
 
 
 def budget_keys(splits: dict, ratio: str, budget: str, patient_of: dict[str, str],
@@ -183,11 +196,20 @@ def pretrain(cfg: StudyConfig, cell: Cell, out: Path, log) -> str:
     """The cell's pre-training export (trained now unless it exists), or "none"."""
     arm = arm_of(cfg, cell.arm)
     if arm.share:
-        return pretrain(cfg, replace(cell, arm=arm.share), out, log)
+        shared = replace(cell, arm=arm.share)
+        if not arm.export:
+            return pretrain(cfg, shared, out, log)
+        export = pretrain_folder(cfg, shared, out) / "exports" / arm.export
+        if not (export / "model.safetensors").exists():
+            pretrain(cfg, shared, out, log)
+        if not (export / "model.safetensors").exists():
+            raise FileNotFoundError(f"{export} was not written by the pre-training of "
+                                    f"{arm.share}: add its epoch to train.export_epochs")
+        return str(export)
     if arm.method == "none":
         return "none"
     seed = cfg.seeds[0] if cfg.pretrain_once else cell.seed
-    folder = out / "pretrain" / f"{cell.arm}-s{seed}"
+    folder = pretrain_folder(cfg, cell, out)
     export = folder / "export"
     if (export / "model.safetensors").exists():
         return str(export)
@@ -199,6 +221,11 @@ def pretrain(cfg: StudyConfig, cell: Cell, out: Path, log) -> str:
     log(f"  pre-training: {shlex.join(command)}")
     run_logged(command, folder / "stdout.log", f"pre-training of {cell.arm} seed {seed}")
     return str(export)
+
+
+def pretrain_folder(cfg: StudyConfig, cell: Cell, out: Path) -> Path:
+    seed = cfg.seeds[0] if cfg.pretrain_once else cell.seed
+    return out / "pretrain" / f"{cell.arm}-s{seed}"
 
 
 def finetune(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> dict:
@@ -306,7 +333,7 @@ def _paired_gain(rows: list[dict], arm: str, budget: str, reference: str) -> str
 
 def table(cfg: StudyConfig, rows: list[dict]) -> str:
     """Table-I-style markdown: per budget, one line per arm, mean ± std over seeds."""
-    reference = cfg.arms[0]
+    reference = cfg.reference or cfg.arms[0]
     lines = [f"# Study results ({cfg.data.shards}, split {cfg.data.ratio})", "",
              f"Mean ± std over seeds; HD = modified Hausdorff (px); ADD = artery diameter "
              f"difference (px); gain = paired Dice difference to `{reference}` with a 95% "

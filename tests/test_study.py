@@ -53,6 +53,34 @@ def test_shared_pretraining_cannot_chain():
         arm_of(cfg, "b")
 
 
+def test_seed_order_and_reference_arm():
+    cfg = StudyConfig(arms=["a", "none"], budgets=["4", "16"], seeds=[0, 1], order="seed",
+                      reference="none")
+    assert [c.name for c in cells(cfg)[:4]] == ["a-b4-s0", "a-b16-s0", "none-b4-s0",
+                                                "none-b16-s0"]
+    with pytest.raises(ValueError, match="reference"):
+        StudyConfig(arms=["a"], reference="none")
+
+
+def test_dose_arms_use_the_periodic_exports_of_one_pretraining(tmp_path):
+    from cmunet.study import pretrain
+
+    cfg = StudyConfig(arms=["d2", "dfinal"], seeds=[0], pretrain_once=True, variants={
+        "long": Arm(method="cmunet"), "d2": Arm(share="long", export="epoch_0002"),
+        "d9": Arm(share="long", export="epoch_0009"), "dfinal": Arm(share="long")})
+    folder = tmp_path / "pretrain" / "long-s0"
+    for part in ("exports/epoch_0002", "export"):  # a finished pre-training's files
+        (folder / part).mkdir(parents=True)
+        (folder / part / "model.safetensors").write_bytes(b"")
+    ran = []
+    assert pretrain(cfg, Cell("d2", "4", 1), tmp_path, ran.append) == \
+        str(folder / "exports" / "epoch_0002")
+    assert pretrain(cfg, Cell("dfinal", "4", 1), tmp_path, ran.append) == str(folder / "export")
+    assert not ran  # nothing was pre-trained again
+    with pytest.raises(FileNotFoundError, match="export_epochs"):
+        pretrain(cfg, Cell("d9", "4", 0), tmp_path, ran.append)
+
+
 def test_budgets_come_from_several_patients_and_nest(tiny_shards):
     splits = load_splits(tiny_shards / "splits.json")
     patient_of = patients_of(tiny_shards)

@@ -201,7 +201,8 @@ class _Run:
             self._figure(epoch, first)
         if probe.every and (epoch % probe.every == 0 or last):
             self._probe()
-        if t.export_every and epoch % t.export_every == 0 and not last:
+        periodic = (t.export_every and epoch % t.export_every == 0) or epoch in t.export_epochs
+        if periodic and not last:
             self._publish(self.out / "exports" / f"epoch_{epoch:04d}",
                           f"exports/epoch_{epoch:04d}")
 

@@ -70,6 +70,7 @@ class PretrainTrain:
     log_every: int = 10  # steps between MLflow metric points
     figure_every: int = 10  # epochs between reconstruction figures (and at the end)
     export_every: int = 0  # epochs between periodic exports (0 = final export only)
+    export_epochs: list[int] = field(default_factory=list)  # more periodic exports, e.g. [30, 100]
 
     def __post_init__(self):
         check(self.epochs >= 0, "epochs", "must be >= 0 (0 = export the initialisation)")
@@ -79,6 +80,7 @@ class PretrainTrain:
         check(self.zero_stage in (0, 1, 2), "zero_stage", "must be 0, 1 or 2")
         check(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        check(all(e > 0 for e in self.export_epochs), "export_epochs", "must be epochs >= 1")
 
 
 @dataclass
