@@ -1,12 +1,16 @@
 #!/usr/bin/env python
-"""Pre-training step throughput: images/s and achieved FLOP/s over the bf16 matmul rate.
+"""Pre-training step throughput: the CM-UNet step against the bare network's step.
 
 A full CM-UNet step (views, masking, both branches, backward, DeepSpeed optimizer step, EMA) on
-random base images, for w=16 at 128² and w=32 at 256², bf16 autocast and fp32, 1 rank and 2 ranks
-(gloo) sharing the machine's cores. FLOPs per step are counted by torch's FlopCounterMode; the
-bf16 and fp32 matmul rates are measured in the same run with the same core count.
+random base images, and in the same run the **bare step** of the same UNet: forward, masked MSE,
+backward and a plain torch AdamW step on a batch of view-sized images, in the same precision and
+memory format, without DeepSpeed, EMA or views. Cases: w=16 at 128² and w=32 at 256², 1 rank and
+2 ranks sharing the machine's cores (gloo; the bare step runs as 2 independent processes). FLOPs
+per step are counted by torch's FlopCounterMode. The CM-UNet step's FLOP/s over the bare step's
+says whether anything around the network wastes time; the bf16 and fp32 matmul rates, measured in
+the same run, are printed beside it.
 
-    python bench/pretrain_throughput.py [--steps 3] [--quick]
+    python bench/pretrain_throughput.py [--steps 3] [--quick] [--fp32]
 """
 
 from __future__ import annotations
@@ -49,38 +53,78 @@ def _config(width: int, size: int, batch: int, precision: str) -> PretrainConfig
         f"train.precision={precision}", "cmunet.mlp_hidden=2048", "cmunet.mlp_out=256"])
 
 
-def _worker(rank: int, world: int, port: int, case: tuple, precision: str, steps: int, out):
+def cmunet_step(case: tuple, precision: str, world: int, device: torch.device):
+    """A function running one full CM-UNet step (DeepSpeed engine, views, EMA) per call."""
     import deepspeed
-    from torch.utils.flop_counter import FlopCounterMode
 
     from cmunet.methods import build_method
-    from cmunet.training.distributed import init_distributed, shutdown
     from cmunet.training.optim import deepspeed_config, make_optimizer
     from cmunet.training.precision import autocast, use_bf16
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    info = init_distributed()
     width, size, batch = case
-    cfg = _config(width, size, batch, precision)
     torch.manual_seed(0)
-    method = build_method(cfg)
+    method = build_method(_config(width, size, batch, precision))
     engine, *_ = deepspeed.initialize(
         model=method, optimizer=make_optimizer(method, 1e-4, 0.05, (0.9, 0.95)),
         config=deepspeed_config(batch, 1, world, 0, 0.0))
     engine.module.to(memory_format=torch.channels_last)
-    bf16 = use_bf16(info.device, precision)
+    bf16 = use_bf16(device, precision)
     base = size + round(31 * size / 224)
     images = torch.randn(batch, 1, base, base).contiguous(memory_format=torch.channels_last)
 
     def step(i: int) -> None:
         gen = torch.Generator().manual_seed(i)
-        with autocast(info.device, bf16):
+        with autocast(device, bf16):
             loss, _ = engine(images, gen)
         engine.backward(loss)
         engine.step()
         engine.module.after_step(0.5)
+    return step
 
+
+def bare_step(case: tuple, precision: str, world: int, device: torch.device):
+    """A function running one bare UNet step per call: the same network on view-sized images,
+    65 % of 16-px patches masked, MSE on them, backward, torch AdamW; no DeepSpeed, EMA or
+    views."""
+    from cmunet.methods.masking import pixel_mask, random_patch_mask
+    from cmunet.models.unet import UNet
+    from cmunet.training.precision import autocast, use_bf16
+
+    width, size, batch = case
+    torch.manual_seed(0)
+    model = UNet(width, out_channels=1).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                                  weight_decay=0.05)
+    bf16 = use_bf16(device, precision)
+    images = torch.randn(batch, 1, size, size).contiguous(memory_format=torch.channels_last)
+    hidden = pixel_mask(random_patch_mask(batch, size // 16, 0.65, torch.Generator(), device),
+                        16).contiguous(memory_format=torch.channels_last)
+    visible = images * (1 - hidden)
+
+    def step(i: int) -> None:
+        with autocast(device, bf16):
+            out = model(visible)
+        loss = ((out.float() - images) ** 2 * hidden).sum() / hidden.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+STEPS = {"cmunet": cmunet_step, "bare": bare_step}
+
+
+def _worker(rank: int, world: int, port: int, kind: str, case: tuple, precision: str,
+            steps: int, out):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cmunet.training.distributed import init_distributed, shutdown
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    info = init_distributed()
+    batch = case[2]
+    step = STEPS[kind](case, precision, world, info.device)
     step(0)  # warm-up (allocations, oneDNN kernel selection)
     with FlopCounterMode(display=False) as counter:
         step(1)
@@ -92,19 +136,21 @@ def _worker(rank: int, world: int, port: int, case: tuple, precision: str, steps
     torch.distributed.barrier()
     seconds = time.perf_counter() - start
     if rank == 0:
-        out[(case, precision, world)] = (world * batch * steps / seconds,
-                                         world * flops * steps / seconds)
+        out[(kind, case, precision, world)] = (world * batch * steps / seconds,
+                                               world * flops * steps / seconds)
     shutdown()
 
 
-def measure(case, precision: str, world: int, steps: int, out) -> None:
-    mp.spawn(_worker, args=(world, free_port(), case, precision, steps, out), nprocs=world)
+def measure(kind: str, case, precision: str, world: int, steps: int, out) -> None:
+    mp.spawn(_worker, args=(world, free_port(), kind, case, precision, steps, out),
+             nprocs=world)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="only w=16 at 128², bf16")
+    parser.add_argument("--quick", action="store_true", help="only w=16 at 128²")
+    parser.add_argument("--fp32", action="store_true", help="also measure fp32")
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     rates = {"bf16": matmul_rate(torch.bfloat16, cores), "fp32": matmul_rate(torch.float32, cores)}
@@ -112,26 +158,30 @@ def main(argv: list[str] | None = None) -> dict:
           f"fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s")
     out = mp.Manager().dict()
     cases = CASES[:1] if args.quick else CASES
-    precisions = ["bf16"] if args.quick else ["bf16", "fp32"]
+    precisions = ["bf16", "fp32"] if args.fp32 else ["bf16"]
     for case in cases:
         for precision in precisions:
             for world in (1, 2):
-                measure(case, precision, world, args.steps, out)
+                for kind in STEPS:  # back to back, so both see the same machine state
+                    measure(kind, case, precision, world, args.steps, out)
     print(f"\n{'case':<16}{'precision':<10}{'ranks':>6}{'img/s':>9}{'GFLOP/s':>10}"
-          f"{'/bf16 matmul':>14}{'2r/1r':>8}")
+          f"{'bare GFLOP/s':>14}{'/bare':>7}{'/matmul':>9}{'2r/1r':>8}")
     results = {"matmul_flop_s": rates}
     for case in cases:
         for precision in precisions:
             for world in (1, 2):
-                images, flops = out[(case, precision, world)]
+                images, flops = out[("cmunet", case, precision, world)]
+                bare_images, bare = out[("bare", case, precision, world)]
                 ratio = flops / rates["bf16"]
-                scaling = images / out[(case, precision, 1)][0] if world == 2 else float("nan")
+                scaling = (images / out[("cmunet", case, precision, 1)][0] if world == 2
+                           else float("nan"))
                 label = f"w={case[0]} {case[1]}²"
                 print(f"{label:<16}{precision:<10}{world:>6}{images:>9.2f}{flops / 1e9:>10.1f}"
-                      f"{ratio:>14.2f}{scaling:>8.2f}")
-                results[key(case, precision, world)] = {"images_per_s": images, "flop_s": flops,
-                                                        "flop_ratio": ratio,
-                                                        "scaling_2r_1r": scaling}
+                      f"{bare / 1e9:>14.1f}{flops / bare:>7.2f}{ratio:>9.2f}{scaling:>8.2f}")
+                results[key(case, precision, world)] = {
+                    "images_per_s": images, "flop_s": flops, "flop_ratio": ratio,
+                    "bare_images_per_s": bare_images, "bare_flop_s": bare,
+                    "over_bare": flops / bare, "scaling_2r_1r": scaling}
     return results
 
 

@@ -80,6 +80,27 @@ def test_affine_by_90_degrees_equals_rot90():
     assert np.allclose(out, np.rot90(image, -1), atol=1e-4)
 
 
+def test_affine_matches_scipy_mirror_resampling():
+    """grid_sample with reflected borders = scipy's affine_transform(order=1, mode="mirror"),
+    on a non-square image with rotation, crop and shift (borders reached included)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    image = ndimage.gaussian_filter(rng.standard_normal((48, 40)), 2).astype(np.float32)
+    mask = image > 0.1
+    for angle, scale, shift in ((12.0, 0.8, np.array([3.0, -2.5])), (-15.0, 1.0, np.zeros(2))):
+        out, warped = affine(image, mask, angle, scale, shift)
+        centre = (np.asarray(image.shape) - 1) / 2
+        theta = np.deg2rad(angle)
+        rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+        warp = dict(matrix=rotation * scale, order=1, mode="mirror",
+                    offset=centre + rotation @ shift - rotation * scale @ centre)
+        assert np.allclose(out, ndimage.affine_transform(image, **warp), atol=1e-4)
+        reference = ndimage.affine_transform(mask.astype(np.float32), **warp)
+        decided = np.abs(reference - 0.5) > 1e-3  # away from exact ties at the threshold
+        assert np.array_equal(warped[decided], (reference >= 0.5)[decided])
+
+
 def test_probabilities_are_validated(tmp_path):
     path = tmp_path / "a.yaml"
     path.write_text("p_noise: 1.5\n")
