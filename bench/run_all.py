@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """All benchmarks in one run (`make bench`), summarised as one table of ratios.
 
-Runs bench/shard_throughput.py, bench/pretrain_throughput.py --quick (CM-UNet, w=16, 128² views,
-bf16, 1 and 2 ranks) and bench/inference.py in this process, then prints the machine, a markdown
-table ``figure | measured | reference | ratio`` (ratio = measured / reference) built only from
-this run's measurements, and the wall time. The defaults take a few minutes on 2 idle cores.
+Runs bench/shard_throughput.py, bench/pretrain_throughput.py (the CM-UNet step and the bare
+UNet step, w=16 at 128² and w=32 at 256², bf16, 1 and 2 ranks) and bench/inference.py in this
+process, then prints the machine, a markdown table ``figure | measured | reference | ratio``
+(ratio = measured / reference) built only from this run's measurements, and the wall time. The
+defaults take a few minutes on 2 idle cores. Goals (docs/benchmarks.md): shard building >= 20
+img/s on one worker; loader headroom >= 3; CM-UNet / bare UNet >= 0.9 at 1 rank; 2 ranks / 1
+rank >= 0.9 at w16 128².
 
     python bench/run_all.py [--count 96] [--steps 3] [--repeats 5] [--out FILE]
 """
@@ -51,18 +54,28 @@ def figures(m: dict) -> list[Figure]:
     workers = f"{shard['cores']} workers"
     matmul = pretrain["matmul_flop_s"]["bf16"] / 1e9
     net, precision = f"{infer['size']}² w{infer['width']}", infer["precision"]
-    return [
-        Figure(f"shard building, {workers} / 2-rank pre-training intake",
-               shard["shard_img_s_all_cores"], intake, "img/s"),
+    rows = [
+        Figure("shard building at 512², 1 worker", shard["shard_img_s_per_core"], 20.0,
+               "img/s"),
         Figure(f"shard building, {workers} / 1 worker",
                shard["shard_img_s_all_cores"], shard["shard_img_s_per_core"], "img/s"),
         Figure("loader headroom: 1 worker with augmentation / 2-rank pre-training intake",
                shard["load_aug_img_s_per_worker"], intake, "img/s"),
-        Figure("pre-training FLOP/s, 1 rank / bf16 matmul rate", one["flop_s"] / 1e9, matmul,
-               "GFLOP/s"),
-        Figure("pre-training FLOP/s, 2 ranks / bf16 matmul rate", two["flop_s"] / 1e9, matmul,
-               "GFLOP/s"),
-        Figure("pre-training throughput, 2 ranks / 1 rank", intake, one["images_per_s"], "img/s"),
+    ]
+    for case in pretrain_throughput.CASES:
+        for world in (1, 2):
+            name = pretrain_throughput.key(case, "bf16", world)
+            if name not in pretrain:
+                continue
+            r = pretrain[name]
+            label = f"w{case[0]} {case[1]}², {world} rank{'s' if world > 1 else ''}"
+            rows += [Figure(f"pre-training step FLOP/s, {label}: CM-UNet / bare UNet",
+                            r["flop_s"] / 1e9, r["bare_flop_s"] / 1e9, "GFLOP/s"),
+                     Figure(f"pre-training step FLOP/s, {label}: CM-UNet / bf16 matmul",
+                            r["flop_s"] / 1e9, matmul, "GFLOP/s")]
+    return rows + [
+        Figure(f"pre-training throughput w{PRETRAIN_CASE[0]} {PRETRAIN_CASE[1]}², 2 ranks / 1 "
+               "rank", intake, one["images_per_s"], "img/s"),
         Figure(f"inference {net}, {precision} time / {precision} compute floor",
                infer["seconds"], infer["floor_seconds"], "s"),
         Figure(f"inference {net}, {precision} speed / fp32 speed",
@@ -98,11 +111,12 @@ def machine() -> str:
 
 
 def notes(args: argparse.Namespace) -> str:
-    width, size, batch = PRETRAIN_CASE
+    cases = ", ".join(f"w={w} {s}² x {b}" for w, s, b in pretrain_throughput.CASES)
     return (f"Shards: {args.count} synthetic 512² angiograms, full preprocessing; loader: decode, "
-            f"z-score, fine-tuning augmentation. Pre-training: a full CM-UNet step, w={width}, "
-            f"{size}² views, micro-batch {batch} per rank, bf16 autocast, timed steps: "
-            f"{args.steps}; 2 ranks (gloo) share the cores. Inference: 1x1x{args.size}x"
+            f"z-score, fine-tuning augmentation. Pre-training: a full CM-UNet step and the bare "
+            f"UNet step (forward, masked MSE, backward, torch AdamW; same batch, bf16 autocast, "
+            f"channels_last) for {cases} views per rank, timed steps: {args.steps}; 2 ranks "
+            f"(gloo) share the cores. Inference: 1x1x{args.size}x"
             f"{args.size}, median of {args.repeats} forward passes; the floor is its FLOPs over "
             "the matmul rate at the same precision.")
 
@@ -121,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="timed inference forward passes per precision")
     parser.add_argument("--size", type=int, default=512, help="inference image side")
     parser.add_argument("--width", type=int, default=64, help="inference UNet width")
+    parser.add_argument("--quick", action="store_true",
+                        help="pre-training at w16 128² only (skip w32 256²)")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
     args = parser.parse_args(argv)
     start, host = time.perf_counter(), machine()
@@ -128,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         "shard": run("shard building and loading", shard_throughput.main,
                      ["--count", str(args.count)]),
         "pretrain": run("pre-training", pretrain_throughput.main,
-                        ["--quick", "--steps", str(args.steps)]),
+                        ["--steps", str(args.steps)] + (["--quick"] if args.quick else [])),
         "inference": run("inference", inference.main,
                          ["--repeats", str(args.repeats), "--size", str(args.size),
                           "--width", str(args.width)]),

@@ -34,28 +34,31 @@ def test_inference_reports_positive_figures(tiny_inference):
 
 
 def test_table_has_a_row_per_figure(tiny_inference):
-    case = run_all.PRETRAIN_CASE
+    small, large = pretrain_throughput.CASES
+    case = {"images_per_s": 10.0, "flop_s": 50e9, "bare_flop_s": 100e9}
     measurements = {
         "shard": {"cores": 2, "shard_img_s_per_core": 20.0, "shard_img_s_all_cores": 36.0,
                   "load_img_s_per_worker": 200.0, "load_aug_img_s_per_worker": 60.0},
         "pretrain": {"matmul_flop_s": {"bf16": 500e9, "fp32": 100e9},
-                     pretrain_throughput.key(case, "bf16", 1): {"images_per_s": 10.0,
-                                                                "flop_s": 50e9},
-                     pretrain_throughput.key(case, "bf16", 2): {"images_per_s": 18.0,
-                                                                "flop_s": 90e9}},
+                     pretrain_throughput.key(small, "bf16", 1): case,
+                     pretrain_throughput.key(small, "bf16", 2): {
+                         "images_per_s": 18.0, "flop_s": 90e9, "bare_flop_s": 100e9},
+                     pretrain_throughput.key(large, "bf16", 1): case},
         "inference": {**tiny_inference, "seconds": 2.0, "floor_seconds": 0.5,
                       "fp32_seconds": 4.0},
     }
     rows = run_all.figures(measurements)
-    assert [round(r.ratio, 3) for r in rows] == [2.0, 1.8, 3.333, 0.1, 0.18, 1.8, 4.0, 2.0]
+    assert [round(r.ratio, 3) for r in rows] == [1.0, 1.8, 3.333, 0.5, 0.1, 0.9, 0.18, 0.5, 0.1,
+                                                 1.8, 4.0, 2.0]
     lines = run_all.table(rows).splitlines()
     assert lines[0] == "| figure | measured | reference | ratio |"
     assert len(lines) == 2 + len(rows)
     for row, line in zip(rows, lines[2:]):
         assert line.startswith(f"| {row.name} |") and line.count("|") == 5
-    assert lines[2].endswith("| 36.0 img/s | 18.0 img/s | 2.00 |")
-    assert "| 50.0 GFLOP/s | 500 GFLOP/s | 0.100 |" in lines[5]
-    assert "32² w4" in lines[8]
+    assert lines[2].endswith("| 20.0 img/s | 20.0 img/s | 1.00 |")
+    assert "w16 128², 1 rank: CM-UNet / bare UNet | 50.0 GFLOP/s | 100 GFLOP/s | 0.500 |" in lines[5]
+    assert "w32 256², 1 rank: CM-UNet / bf16 matmul" in lines[10]
+    assert "32² w4" in lines[13]
 
 
 def test_number_has_three_significant_digits():

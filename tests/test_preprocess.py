@@ -50,6 +50,22 @@ def test_dark_border_regions_are_filled_but_vessels_kept():
     assert out[61, 60:].max() < 50  # the vessel survived
 
 
+def test_collimator_region_equals_the_filter_definition():
+    """The integral-image opening and the label lookup give exactly the region of the plain
+    definition: 5x5 minimum then maximum filter, border-touching labels, 3 cross dilations."""
+    from cmunet.data.preprocess import _box_count
+
+    rng = np.random.default_rng(1)
+    for seed in range(4):
+        image = ndimage.gaussian_filter(rng.normal(size=(128, 120)), 1.5) * 300 + 150
+        image[:, : 3 + seed * 4] *= 0.1  # a shutter of varying width
+        dark = image < 0.6 * np.median(image[::4, ::4])
+        opened = ndimage.maximum_filter(ndimage.minimum_filter(dark.view(np.uint8), 5), 5)
+        assert np.array_equal(_box_count(_box_count(dark, 5) == 25, 5) > 0, opened.view(bool))
+        noise = rng.random((40, 33)) < 0.5
+        assert np.array_equal(_box_count(noise, 3) > 0, ndimage.maximum_filter(noise, 3))
+
+
 def test_preprocess_keeps_dtype_and_size():
     rng = np.random.default_rng(1)
     image = rng.integers(1000, 3000, (300, 300)).astype(np.uint16)
