@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, port: int, case: tuple, precision: str, steps
     from cmunet.methods import build_method
     from cmunet.training.distributed import init_distributed, shutdown
     from cmunet.training.optim import deepspeed_config, make_optimizer
-    from cmunet.training.precision import autocast, use_bf16
+    from cmunet.training.precision import use_bf16
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -65,18 +65,17 @@ def _worker(rank: int, world: int, port: int, case: tuple, precision: str, steps
     cfg = _config(width, size, batch, precision)
     torch.manual_seed(0)
     method = build_method(cfg)
+    method.autocast_device = info.device.type if use_bf16(info.device, precision) else None
     engine, *_ = deepspeed.initialize(
         model=method, optimizer=make_optimizer(method, 1e-4, 0.05, (0.9, 0.95)),
         config=deepspeed_config(batch, 1, world, 0, 0.0))
     engine.module.to(memory_format=torch.channels_last)
-    bf16 = use_bf16(info.device, precision)
     base = size + round(31 * size / 224)
     images = torch.randn(batch, 1, base, base).contiguous(memory_format=torch.channels_last)
 
     def step(i: int) -> None:
         gen = torch.Generator().manual_seed(i)
-        with autocast(info.device, bf16):
-            loss, _ = engine(images, gen)
+        loss, _ = engine(images, gen)  # bf16 autocast inside the method
         engine.backward(loss)
         engine.step()
         engine.module.after_step(0.5)

@@ -29,7 +29,7 @@ from cmunet.training import checkpoint as ckpt
 from cmunet.training.distributed import DistInfo, init_distributed, shutdown
 from cmunet.training.optim import (deepspeed_config, global_batch, make_optimizer, scaled_lr,
                                    warmup_cosine)
-from cmunet.training.precision import autocast, use_bf16
+from cmunet.training.precision import use_bf16
 from cmunet.training.pretrain_config import PretrainConfig
 
 
@@ -71,6 +71,7 @@ class _Run:
         self.bf16 = use_bf16(info.device, t.precision)
 
         method = build_method(cfg).to(info.device)
+        method.autocast_device = info.device.type if self.bf16 else None
         optimizer = make_optimizer(method, self.lr, t.weight_decay, t.betas)
         schedule = warmup_cosine(self.total_steps,
                                  min(t.warmup_epochs, t.epochs) * self.steps_per_epoch,
@@ -155,8 +156,7 @@ class _Run:
     def _micro_step(self, images: torch.Tensor, micro: int) -> None:
         seed = step_seed(self.cfg.seed, self.state["step"], micro, self.info.rank)
         gen = torch.Generator(device=self.info.device).manual_seed(seed)
-        with autocast(self.info.device, self.bf16):
-            loss, logs = self.engine(images, gen)
+        loss, logs = self.engine(images, gen)  # bf16 autocast inside: method.autocast_device
         self.engine.backward(loss)
         self.engine.step()
         self.window.add({k: v.detach() for k, v in logs.items()}, images.shape[0])

@@ -1,0 +1,68 @@
+"""The CUDA/NCCL path checked on CPU: what differs on a GPU is simulated (autocast reporting,
+CUDA availability, Ray's GPU ids), the rest runs for real (DeepSpeed on one gloo rank)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from cmunet.config import load_config
+from cmunet.training.pretrain_config import PretrainConfig
+
+from conftest import ROOT
+
+
+def tiny_config(method: str = "cmunet", *overrides: str) -> PretrainConfig:
+    return load_config(PretrainConfig, ROOT / "configs/pretrain/cmunet-cpu.yaml", [
+        f"method={method}", "view_size=32", "model.width=4", "cmunet.mlp_hidden=16",
+        "cmunet.mlp_out=8", "cmunet.patch=8", "train.micro_batch=2", "train.precision=bf16",
+        *overrides])
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A one-rank gloo process group, destroyed afterwards."""
+    from cmunet.training.distributed import free_port, init_distributed, shutdown
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                        "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    info = init_distributed()
+    yield info
+    shutdown(wait=False)
+
+
+def test_step_runs_convolutions_in_bf16_when_autocast_reports_like_cuda(one_rank, monkeypatch):
+    """On CUDA the argument-less ``torch.is_autocast_enabled()`` is true inside an autocast
+    region, and DeepSpeed's engine then switches autocast off. Simulated on CPU (the question is
+    answered for this device), the step's convolutions must still run in bf16."""
+    import deepspeed
+
+    from cmunet.methods import build_method
+    from cmunet.training.optim import deepspeed_config, make_optimizer
+    from cmunet.training.pretrain import _Run, _Window
+    from cmunet.training.precision import use_bf16
+
+    real = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled",
+                        lambda *device: real(*device) if device else real("cpu"))
+    cfg = tiny_config()
+    device = one_rank.device
+    bf16 = use_bf16(device, "bf16")
+    method = build_method(cfg)
+    method.autocast_device = "cpu"
+    engine, *_ = deepspeed.initialize(model=method,
+                                      optimizer=make_optimizer(method, 1e-3, 0.05, (0.9, 0.95)),
+                                      config=deepspeed_config(2, 1, 1, 0, 0.0))
+    dtypes = []
+    for conv in engine.module.modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            conv.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    run = types.SimpleNamespace(cfg=cfg, state={"step": 0}, info=one_rank, engine=engine,
+                                bf16=bf16, window=_Window())
+    _Run._micro_step(run, torch.randn(2, 1, 36, 36), 0)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())
