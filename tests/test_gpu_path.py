@@ -66,3 +66,12 @@ def test_step_runs_convolutions_in_bf16_when_autocast_reports_like_cuda(one_rank
     _Run._micro_step(run, torch.randn(2, 1, 36, 36), 0)
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+
+
+def test_collectives_wait_an_hour_by_default(one_rank):
+    """DeepSpeed's default (10 min) is shorter than rank 0's figures, probe and export."""
+    from datetime import timedelta
+
+    group = torch.distributed.distributed_c10d._get_default_group()
+    assert group._get_backend(torch.device("cpu")).options._timeout == timedelta(hours=1)
+    assert tiny_config().train.collective_timeout_s == 3600

@@ -26,7 +26,8 @@ from cmunet.models.export import save_export
 from cmunet.models.unet import count_parameters
 from cmunet.tracking.mlflow_run import Tracker
 from cmunet.training import checkpoint as ckpt
-from cmunet.training.distributed import DistInfo, init_distributed, shutdown
+from cmunet.training.distributed import (DistInfo, barrier, decided_by_main, init_distributed,
+                                         ranks_where, shutdown)
 from cmunet.training.optim import (deepspeed_config, global_batch, make_optimizer, scaled_lr,
                                    warmup_cosine)
 from cmunet.training.precision import use_bf16
@@ -35,13 +36,13 @@ from cmunet.training.pretrain_config import PretrainConfig
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pre-training; returns the export folder."""
-    info = init_distributed()
+    info = init_distributed(cfg.train.collective_timeout_s)
     try:
         export = _Run(cfg, info).train()
     except BaseException:
         shutdown(wait=False)
         raise
-    shutdown()
+    shutdown(wait=False)  # the ranks met in _finish; rank 0 publishes after that, alone
     return export
 
 
@@ -110,8 +111,7 @@ class _Run:
                  f" steps/epoch, {self.total_steps} steps")
 
     def _resume(self) -> None:
-        found = ckpt.find_resumable(self.ckpt_dir, self.fingerprint) \
-            if self.ckpt_dir.is_dir() else None
+        found = resume_point(self.ckpt_dir, self.fingerprint)
         if found is None:
             return
         tag, client_state = found
@@ -176,9 +176,10 @@ class _Run:
 
     def _log(self, extra: dict, bar) -> None:
         means, images_per_s = self.window.flush()
-        if not all(math.isfinite(v) for v in means.values()):
-            raise FloatingPointError(f"non-finite loss at step {self.state['step']}: {means}; "
-                                     "stopping (lower train.base_lr or check the data)")
+        bad = ranks_where(not all(math.isfinite(v) for v in means.values()))
+        if bad:  # every rank stops here together, none waits in the next collective
+            raise FloatingPointError(f"non-finite loss at step {self.state['step']} on rank(s) "
+                                     f"{bad}; stopping (lower train.base_lr or check the data)")
         metrics = {**means, **extra, "lr": self.scheduler.get_last_lr()[0],
                    "images_per_s": images_per_s * self.info.world_size,
                    "epoch": self.state["step"] / self.steps_per_epoch}
@@ -244,6 +245,7 @@ class _Run:
 
     def _finish(self) -> Path:
         folder = self.out / "export"
+        barrier()  # training is over on every rank: none waits on rank 0's export and MLflow
         if self.info.is_main:
             self._publish(folder, "export")
             self.tracker.log_artifact(self.out / "config.yaml")
@@ -281,3 +283,11 @@ def _append_csv(path: Path, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def resume_point(folder: Path, want: dict) -> tuple[str, dict] | None:
+    """(tag, client state) of the checkpoint to resume from, chosen by rank 0 and shared: ranks
+    reading a shared file system may list different folders and must not resume from different
+    steps (a rank that cannot see the chosen one then fails loading it, naming it)."""
+    return decided_by_main(
+        lambda: ckpt.find_resumable(folder, want) if folder.is_dir() else None)

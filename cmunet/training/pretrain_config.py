@@ -64,6 +64,9 @@ class PretrainTrain:
     log_every: int = 10  # steps between MLflow metric points
     figure_every: int = 10  # epochs between reconstruction figures (and at the end)
     export_every: int = 0  # epochs between periodic exports (0 = final export only)
+    # seconds a rank waits in a collective before the job fails; rank 0 alone makes figures,
+    # probes and exports at epoch ends while the others wait (DeepSpeed's default: 10 min)
+    collective_timeout_s: int = 3600
 
     def __post_init__(self):
         check(self.epochs >= 0, "epochs", "must be >= 0 (0 = export the initialisation)")
@@ -73,6 +76,7 @@ class PretrainTrain:
         check(self.zero_stage in (0, 1, 2), "zero_stage", "must be 0, 1 or 2")
         check(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        check(self.collective_timeout_s >= 60, "collective_timeout_s", "must be >= 60 seconds")
 
 
 @dataclass
