@@ -75,3 +75,68 @@ def test_collectives_wait_an_hour_by_default(one_rank):
     group = torch.distributed.distributed_c10d._get_default_group()
     assert group._get_backend(torch.device("cpu")).options._timeout == timedelta(hours=1)
     assert tiny_config().train.collective_timeout_s == 3600
+
+
+# ---- the device each process uses ----------------------------------------------------------------
+
+def fake_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_local_rank_wraps_onto_the_gpus_the_process_sees(monkeypatch):
+    from cmunet.training.precision import default_device
+
+    fake_gpus(monkeypatch, 1)  # SLURM --gpu-bind / Kubernetes: one visible GPU per process
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert default_device() == torch.device("cuda", 0)
+    fake_gpus(monkeypatch, 4)
+    assert default_device() == torch.device("cuda", 3)
+
+
+def test_missing_master_addr_on_several_nodes_is_an_error(monkeypatch):
+    from cmunet.training.distributed import free_port, init_distributed
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4",
+                        "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR is not set"):
+        init_distributed(timeout_s=60)
+    assert not torch.distributed.is_initialized()
+
+
+def test_ray_trials_use_the_gpus_ray_gave_them(monkeypatch):
+    import ray
+
+    from cmunet.training import tune
+
+    fake_gpus(monkeypatch, 2)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])  # gpus_per_trial: 0 on a GPU node
+    assert tune.ray_device() == torch.device("cpu")
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what Ray sets for the task
+    assert tune.ray_device() == torch.device("cuda", 0)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [1])
+    assert tune.ray_device() == torch.device("cuda", 1)
+
+    seen = {}
+    monkeypatch.setattr(tune, "fit", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    threads = torch.get_num_threads()
+    try:
+        tune._retrain(None, ["a"], {}, threads)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["device"] == torch.device("cpu")
+
+
+def test_segment_device_option(monkeypatch, tmp_path, capsys):
+    from conftest import load_tool
+
+    fake_gpus(monkeypatch, 1)
+    segment = load_tool("segment")
+    code = segment(["--model", str(tmp_path / "none"), "--input", str(tmp_path),
+                    "--out", str(tmp_path / "out"), "--device", "cuda:1"])
+    assert code == 2 and "sees 1 GPU" in capsys.readouterr().err

@@ -1,8 +1,10 @@
 """Process-group set-up that works the same under `deepspeed`, `torchrun` and plain `python`.
 
 * plain `python`: RANK/WORLD_SIZE/LOCAL_RANK default to a single process, MASTER_ADDR to
-  127.0.0.1 and MASTER_PORT to a free port (else DeepSpeed would look for MPI);
-* CUDA -> NCCL, one GPU per local rank; CPU -> gloo;
+  127.0.0.1 and MASTER_PORT to a free port (else DeepSpeed would look for MPI); a missing
+  MASTER_ADDR is an error when the ranks are not all on this node;
+* CUDA -> NCCL, one GPU per local rank (LOCAL_RANK modulo the GPUs the process sees);
+  CPU -> gloo;
 * CPU threads: each rank gets cores / local ranks threads unless OMP_NUM_THREADS is set
   (deepspeed's launcher does not set it, torchrun sets 1 for several local ranks; 2 ranks x all
   cores each ran 3x slower here);
@@ -70,7 +72,14 @@ def init_distributed(timeout_s: float = 3600) -> DistInfo:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    world = int(os.environ["WORLD_SIZE"])
+    if "MASTER_ADDR" not in os.environ:
+        if world > 1 and local_world_size() != world:  # several nodes, or cannot tell
+            raise RuntimeError(
+                f"WORLD_SIZE={world} but MASTER_ADDR is not set and this node runs "
+                f"{local_world_size()} of the ranks: set MASTER_ADDR to rank 0's host name or "
+                "address (127.0.0.1 would leave every node waiting for itself)")
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
     if "MASTER_PORT" not in os.environ:
         if int(os.environ["WORLD_SIZE"]) > 1:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set; use a launcher "

@@ -258,7 +258,8 @@ def train_epoch(model: UNet, loader: DataLoader, optimizer: torch.optim.Optimize
 
 def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
         initial_state: dict[str, torch.Tensor] | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict], None] | None = None,
+        device: torch.device | None = None) -> FitResult:
     """Fine-tune on ``train_keys`` of ``cfg.data.shards``, choosing the epoch by the mean hard Dice
     on ``val_keys``; only these keys are ever read.
 
@@ -266,6 +267,7 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
     from :func:`build_model`. ``on_epoch`` receives each epoch's history row as it is made.
     With no ``val_keys`` (the final retraining of the search on the whole pool) nothing is
     validated: ``val_dice`` is NaN and the weights after the last epoch are returned.
+    ``device``: default :func:`default_device` (a Ray trial passes the GPU Ray gave it, or CPU).
     """
     if not train_keys:
         raise ValueError("fit needs training keys, got none")
@@ -277,7 +279,7 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
         model = UNet(width_of(initial_state, "initial_state"))
         model.load_state_dict(initial_state)
     torch.manual_seed(cfg.seed)
-    device = default_device()
+    device = device or default_device()
     bf16 = use_bf16(device, cfg.train.precision)
     model.to(device, memory_format=torch.channels_last)
     train_set = InMemorySet(cfg.data.shards, train_keys, transform=make_augment(cfg.augment),

@@ -19,8 +19,11 @@ Precision = Literal["auto", "bf16", "fp32"]
 
 
 def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` modulo the GPUs this process sees (one each under SLURM's
+    ``--gpu-bind`` or Kubernetes, all of the node's under deepspeed/torchrun), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) %
+                            torch.cuda.device_count())
     return torch.device("cpu")
 
 
