@@ -126,3 +126,71 @@ def test_an_error_deciding_the_resume_point_reaches_every_rank(tmp_path):
     answers = on_two_ranks(_resume_point_of_other_setup, str(tmp_path), within=60)
     assert answers[0][0] == answers[1][0] == "ValueError"
     assert "another setup" in answers[1][1]
+
+
+# ---- batch norm over the global batch ----------------------------------------------------------
+
+def _bn_case(sync: bool):
+    """A projector (the CM-UNet MLP) and a UNet block, their inputs and a loss weighting."""
+    from cmunet.methods.heads import MLP
+    from cmunet.models.sync_bn import use_global_batch_norm
+    from cmunet.models.unet import DoubleConv
+
+    torch.manual_seed(0)
+    head, block = MLP(6, 8, 4), DoubleConv(2, 3)
+    if sync:
+        use_global_batch_norm(block)
+    vectors, images = torch.randn(8, 6), torch.randn(8, 2, 5, 5)
+    weights = torch.randn(8, 4), torch.randn(8, 3, 5, 5)
+    return head, block, vectors, images, weights
+
+
+def _bn_step(head, block, vectors, images, weights):
+    vectors, images = vectors.requires_grad_(), images.requires_grad_()
+    outputs = head(vectors), block(images)
+    loss = sum((o * w).sum() for o, w in zip(outputs, weights))
+    loss.backward()
+    bns = [m for m in [*head.modules(), *block.modules()]
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    grads = {name: p.grad.clone() for name, p in [*head.named_parameters(prefix="head"),
+                                                  *block.named_parameters(prefix="block")]}
+    return {"outputs": [o.detach() for o in outputs], "inputs": [vectors.grad, images.grad],
+            "grads": grads, "running": [(b.running_mean.clone(), b.running_var.clone())
+                                        for b in bns]}
+
+
+def _map(fn, tree):
+    if isinstance(tree, dict):
+        return {k: _map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map(fn, v) for v in tree)
+    return fn(tree)
+
+
+def _bn_half_batch(info):
+    head, block, vectors, images, weights = _bn_case(sync=True)
+    half = slice(4 * info.rank, 4 * info.rank + 4)
+    result = _bn_step(head, block, vectors[half], images[half], [w[half] for w in weights])
+    # as numpy: tensors would travel as shared memory that dies with this process
+    return _map(lambda t: t.numpy(), result)
+
+
+def test_batch_norm_over_two_gloo_ranks_equals_one_process_batch():
+    answers = on_two_ranks(_bn_half_batch)
+    assert all(kind == "ok" for kind, _ in answers.values()), answers
+    ranks = [_map(torch.from_numpy, answers[r][1]) for r in range(WORLD)]
+    head, block, vectors, images, weights = _bn_case(sync=False)
+    whole = _bn_step(head, block, vectors, images, weights)
+
+    def close(a, b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    for i in range(2):  # outputs and input gradients: the halves of the whole batch's
+        close(torch.cat([r["outputs"][i] for r in ranks]), whole["outputs"][i])
+        close(torch.cat([r["inputs"][i] for r in ranks]), whole["inputs"][i])
+    for name, grad in whole["grads"].items():  # DeepSpeed sums (then averages) these
+        close(ranks[0]["grads"][name] + ranks[1]["grads"][name], grad)
+    for r in ranks:
+        for (mean, var), (whole_mean, whole_var) in zip(r["running"], whole["running"]):
+            close(mean, whole_mean)
+            close(var, whole_var)

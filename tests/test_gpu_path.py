@@ -140,3 +140,32 @@ def test_segment_device_option(monkeypatch, tmp_path, capsys):
     code = segment(["--model", str(tmp_path / "none"), "--input", str(tmp_path),
                     "--out", str(tmp_path / "out"), "--device", "cuda:1"])
     assert code == 2 and "sees 1 GPU" in capsys.readouterr().err
+
+
+# ---- batch and batch norm across GPU counts ------------------------------------------------------
+
+def test_a_global_batch_other_than_the_configs_is_named():
+    from cmunet.training.optim import batch_mismatch
+
+    assert batch_mismatch(32, 1, 8, 256) == batch_mismatch(16, 1, 4, 0) == ""
+    note = batch_mismatch(16, 1, 8, 256)
+    assert "16 x 1 x 8 ranks = 128" in note and "train.global_batch=256" in note
+    cfg = load_config(PretrainConfig, ROOT / "configs/pretrain/cmunet.yaml")
+    assert cfg.train.global_batch == 256
+
+
+def test_heads_use_global_batch_norm_and_the_encoder_can():
+    from cmunet.methods import build_method
+    from cmunet.models.sync_bn import GlobalBatchNorm
+
+    def norms(method, part):
+        return {type(m) for m in getattr(method, part).modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+    method = build_method(tiny_config())
+    assert norms(method, "projector") == norms(method, "momentum_projector") == {GlobalBatchNorm}
+    assert norms(method, "encoder") == {torch.nn.BatchNorm2d}
+    synced = build_method(tiny_config("cmunet", "model.sync_batch_norm=true"))
+    assert norms(synced, "encoder") == norms(synced, "momentum_encoder") == {GlobalBatchNorm}
+    assert not any(p.requires_grad for p in synced.momentum_encoder.parameters())
+    synced.load_state_dict(method.state_dict())  # same keys: checkpoints load either way

@@ -7,14 +7,17 @@ import math
 import torch
 from torch import nn
 
+from cmunet.models.sync_bn import GlobalBatchNorm
+
 
 class MLP(nn.Sequential):
-    """Linear-BN-ReLU-Linear-BN-ReLU-Linear: the CMAE projector and predictor (two hidden layers)."""
+    """Linear-BN-ReLU-Linear-BN-ReLU-Linear: the CMAE projector and predictor (two hidden layers).
+    Batch norm over the global batch, as CMAE and MoCo v3 (:class:`GlobalBatchNorm`)."""
 
     def __init__(self, dim_in: int, hidden: int, dim_out: int):
         super().__init__(
-            nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(dim_in, hidden, bias=False), GlobalBatchNorm(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden, bias=False), GlobalBatchNorm(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, dim_out),
         )
 

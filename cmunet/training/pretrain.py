@@ -28,8 +28,8 @@ from cmunet.tracking.mlflow_run import Tracker
 from cmunet.training import checkpoint as ckpt
 from cmunet.training.distributed import (DistInfo, barrier, decided_by_main, init_distributed,
                                          ranks_where, shutdown)
-from cmunet.training.optim import (deepspeed_config, global_batch, make_optimizer, scaled_lr,
-                                   warmup_cosine)
+from cmunet.training.optim import (batch_mismatch, deepspeed_config, global_batch,
+                                   make_optimizer, scaled_lr, warmup_cosine)
 from cmunet.training.precision import use_bf16
 from cmunet.training.pretrain_config import PretrainConfig
 
@@ -70,6 +70,9 @@ class _Run:
             1, math.ceil(self.pool_size / self.global_batch))
         self.total_steps = self.steps_per_epoch * t.epochs
         self.bf16 = use_bf16(info.device, t.precision)
+        mismatch = batch_mismatch(t.micro_batch, t.grad_accum, world, t.global_batch)
+        if mismatch:
+            self.log(f"warning: {mismatch}")
 
         method = build_method(cfg).to(info.device)
         method.autocast_device = info.device.type if self.bf16 else None
