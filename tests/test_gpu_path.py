@@ -169,3 +169,127 @@ def test_heads_use_global_batch_norm_and_the_encoder_can():
     assert norms(synced, "encoder") == norms(synced, "momentum_encoder") == {GlobalBatchNorm}
     assert not any(p.requires_grad for p in synced.momentum_encoder.parameters())
     synced.load_state_dict(method.state_dict())  # same keys: checkpoints load either way
+
+
+# ---- the step as fast on a GPU as it can be ------------------------------------------------------
+
+def host_syncs(step) -> list[str]:
+    """The operators of ``step()`` that make the host wait for the device: reading a value
+    (``.item()``, ``bool(tensor)``), ``nonzero`` and boolean-mask indexing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten, found = torch.ops.aten, []
+    reads = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero.default}
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            indices = args[1] if func.name().startswith("aten::index") and len(args) > 1 else ()
+            if func in reads or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                    for i in indices or ()):
+                found.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        step()
+    return found
+
+
+@pytest.mark.parametrize("method", ["cmunet", "spark", "mae"])
+def test_no_host_sync_in_the_step(method):
+    from cmunet.methods import build_method
+
+    module = build_method(tiny_config(method, "mae.patch=8"))
+    images = torch.randn(2, 1, 36, 36)
+
+    def step():
+        loss, _ = module(images, torch.Generator().manual_seed(0))
+        loss.backward()
+        module.after_step(0.5)
+
+    assert host_syncs(step) == []
+
+
+def test_fine_tuning_reads_the_loss_once_per_epoch():
+    from cmunet.models.unet import UNet
+    from cmunet.training.finetune import train_epoch
+
+    model = UNet(4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # as on a GPU
+    batch = {"image": torch.randn(2, 1, 32, 32), "mask": torch.rand(2, 1, 32, 32) > 0.5}
+    syncs = host_syncs(lambda: train_epoch(model, [batch] * 3, optimizer, torch.device("cpu"),
+                                           False))
+    assert syncs == ["aten::_local_scalar_dense"]  # the epoch's mean
+
+
+def test_ema_is_one_multi_tensor_update():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cmunet.methods.heads import MLP, ema_update, frozen_copy
+
+    source = MLP(4, 8, 2)
+    target = frozen_copy(source)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    expected = [0.9 * t + 0.1 * s for t, s in zip(target.parameters(), source.parameters())]
+    ops = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.name().split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        ema_update(target, source, 0.9)
+    assert ops == ["aten::_foreach_lerp_", "aten::_foreach_copy_"]
+    for t, e in zip(target.parameters(), expected):
+        torch.testing.assert_close(t, e)
+    for t, s in zip(target.buffers(), source.buffers()):
+        assert torch.equal(t, s)
+
+
+def test_deepspeed_config_and_gpu_recipes():
+    from conftest import ROOT as root
+    from cmunet.training.optim import deepspeed_config
+
+    ds = deepspeed_config(32, 1, 8, 0, 0.0)
+    assert ds["timers"] == {"throughput": {"enabled": False}}  # no GPU sync per micro-step
+    assert ds["wall_clock_breakdown"] is False and "bf16" not in ds and "fp16" not in ds
+    assert ds["train_batch_size"] == 256
+    for path in sorted((root / "configs/pretrain").glob("*.yaml")):
+        cfg = load_config(PretrainConfig, path)
+        assert cfg.train.zero_stage == 0, path.name  # 31 M parameters: no sharding
+
+
+def test_bf16_only_where_the_gpu_runs_it_natively(monkeypatch):
+    from cmunet.training.precision import use_bf16
+
+    cuda = torch.device("cuda", 0)
+    # a V100 / T4: bf16 tensors work (emulated), no bf16 tensor cores
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)
+    assert not use_bf16(cuda, "auto")
+    with pytest.raises(ValueError, match="native bf16"):
+        use_bf16(cuda, "bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert use_bf16(cuda, "auto")
+
+
+def test_cuda_settings(monkeypatch):
+    from cmunet.training.optim import make_optimizer
+    from cmunet.training.precision import cuda_speedups
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    before = torch.get_float32_matmul_precision()
+    cuda_speedups(torch.device("cpu"))
+    assert not torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == before
+    try:
+        cuda_speedups(torch.device("cuda", 0))
+        assert torch.backends.cudnn.benchmark
+        assert torch.get_float32_matmul_precision() == "high"  # TF32 matrix products
+    finally:
+        torch.set_float32_matmul_precision(before)
+    model = torch.nn.Linear(2, 2)
+    assert not make_optimizer(model, 1e-3, 0.05, (0.9, 0.95)).defaults["fused"]
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda", 0)))
+    assert make_optimizer(model, 1e-3, 0.05, (0.9, 0.95)).defaults["fused"]

@@ -31,11 +31,14 @@ def cosine_momentum(progress: float, start: float, end: float = 1.0) -> float:
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """target = momentum * target + (1 - momentum) * source for parameters; buffers (BN running
-    statistics, counters) are copied, not averaged."""
-    for t, s in zip(target.parameters(), source.parameters()):
-        t.lerp_(s.detach().to(t.dtype), 1 - momentum)
-    for t, s in zip(target.buffers(), source.buffers()):
-        t.copy_(s)
+    statistics, counters) are copied, not averaged. One multi-tensor kernel each (``_foreach``),
+    not one per tensor."""
+    targets, sources = list(target.parameters()), list(source.parameters())
+    if targets:
+        torch._foreach_lerp_(targets, sources, 1 - momentum)
+    targets, sources = list(target.buffers()), list(source.buffers())
+    if targets:
+        torch._foreach_copy_(targets, sources)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

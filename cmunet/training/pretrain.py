@@ -30,7 +30,7 @@ from cmunet.training.distributed import (DistInfo, barrier, decided_by_main, ini
                                          ranks_where, shutdown)
 from cmunet.training.optim import (batch_mismatch, deepspeed_config, global_batch,
                                    make_optimizer, scaled_lr, warmup_cosine)
-from cmunet.training.precision import use_bf16
+from cmunet.training.precision import cuda_speedups, use_bf16
 from cmunet.training.pretrain_config import PretrainConfig
 
 
@@ -74,6 +74,7 @@ class _Run:
         if mismatch:
             self.log(f"warning: {mismatch}")
 
+        cuda_speedups(info.device)
         method = build_method(cfg).to(info.device)
         method.autocast_device = info.device.type if self.bf16 else None
         optimizer = make_optimizer(method, self.lr, t.weight_decay, t.betas)
