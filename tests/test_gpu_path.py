@@ -44,7 +44,7 @@ def test_step_runs_convolutions_in_bf16_when_autocast_reports_like_cuda(one_rank
     from cmunet.methods import build_method
     from cmunet.training.optim import deepspeed_config, make_optimizer
     from cmunet.training.pretrain import _Run, _Window
-    from cmunet.training.precision import use_bf16
+    from cmunet.training.precision import activation_dtypes, use_bf16
 
     real = torch.is_autocast_enabled
     monkeypatch.setattr(torch, "is_autocast_enabled",
@@ -57,14 +57,11 @@ def test_step_runs_convolutions_in_bf16_when_autocast_reports_like_cuda(one_rank
     engine, *_ = deepspeed.initialize(model=method,
                                       optimizer=make_optimizer(method, 1e-3, 0.05, (0.9, 0.95)),
                                       config=deepspeed_config(2, 1, 1, 0, 0.0))
-    dtypes = []
-    for conv in engine.module.modules():
-        if isinstance(conv, torch.nn.Conv2d):
-            conv.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     run = types.SimpleNamespace(cfg=cfg, state={"step": 0}, info=one_rank, engine=engine,
                                 bf16=bf16, window=_Window())
-    _Run._micro_step(run, torch.randn(2, 1, 36, 36), 0)
-    assert dtypes and set(dtypes) == {torch.bfloat16}
+    dtypes = activation_dtypes(engine.module,
+                               lambda: _Run._micro_step(run, torch.randn(2, 1, 36, 36), 0))
+    assert dtypes == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in engine.module.parameters())
 
 

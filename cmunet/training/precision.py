@@ -59,6 +59,21 @@ def cuda_speedups(device: torch.device) -> None:
         torch.set_float32_matmul_precision("high")
 
 
+def activation_dtypes(module: torch.nn.Module, run) -> set[torch.dtype]:
+    """The dtypes of the outputs of ``module``'s convolutions and linear layers while ``run()``
+    executes (e.g. one training step): ``{torch.bfloat16}`` when bf16 autocast is really
+    active there, ``{torch.float32}`` when something switched it off."""
+    dtypes: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+             for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dtypes
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on ``device`` when enabled, else a no-op context."""
     if not enabled:
