@@ -194,3 +194,38 @@ def test_batch_norm_over_two_gloo_ranks_equals_one_process_batch():
         for (mean, var), (whole_mean, whole_var) in zip(r["running"], whole["running"]):
             close(mean, whole_mean)
             close(var, whole_var)
+
+
+# ---- rank 0 publishes alone at the end ------------------------------------------------------------
+
+class _SlowPublishRun:
+    """The end of a run: ``_Run._finish`` with an export + MLflow drain taking 4 s on rank 0."""
+
+    def __init__(self, cfg, info):
+        self.info, self.out = info, Path(cfg.out)
+        self.tracker = types.SimpleNamespace(log_artifact=lambda *a, **k: None,
+                                             close=lambda: time.sleep(4))
+        self.log = lambda *a, **k: None
+
+    def _publish(self, folder, artifact_path):
+        pass
+
+    def train(self):
+        return self.finish()
+
+
+def _finish_times(info, out: str):
+    from cmunet.training import pretrain
+
+    _SlowPublishRun.finish = pretrain._Run._finish
+    pretrain._Run = _SlowPublishRun  # only the end of the run
+    cfg = types.SimpleNamespace(out=out, train=types.SimpleNamespace(collective_timeout_s=600))
+    start = time.monotonic()
+    pretrain.pretrain(cfg)
+    return time.monotonic() - start
+
+
+def test_other_ranks_do_not_wait_for_rank_0s_publishing(tmp_path):
+    answers = on_two_ranks(_finish_times, str(tmp_path))
+    assert answers[0][0] == answers[1][0] == "ok", answers
+    assert answers[0][1] >= 4 and answers[1][1] < answers[0][1] - 2
