@@ -59,23 +59,22 @@ def cmunet_step(case: tuple, precision: str, world: int, device: torch.device):
 
     from cmunet.methods import build_method
     from cmunet.training.optim import deepspeed_config, make_optimizer
-    from cmunet.training.precision import autocast, use_bf16
+    from cmunet.training.precision import use_bf16
 
     width, size, batch = case
     torch.manual_seed(0)
     method = build_method(_config(width, size, batch, precision))
+    method.autocast_device = device.type if use_bf16(device, precision) else None
     engine, *_ = deepspeed.initialize(
         model=method, optimizer=make_optimizer(method, 1e-4, 0.05, (0.9, 0.95)),
         config=deepspeed_config(batch, 1, world, 0, 0.0))
     engine.module.to(memory_format=torch.channels_last)
-    bf16 = use_bf16(device, precision)
     base = size + round(31 * size / 224)
     images = torch.randn(batch, 1, base, base).contiguous(memory_format=torch.channels_last)
 
     def step(i: int) -> None:
         gen = torch.Generator().manual_seed(i)
-        with autocast(device, bf16):
-            loss, _ = engine(images, gen)
+        loss, _ = engine(images, gen)  # bf16 autocast inside the method
         engine.backward(loss)
         engine.step()
         engine.module.after_step(0.5)

@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from cmunet.config import ConfigError
 from cmunet.inference.model import load_model
 from cmunet.inference.predict import MODES, SegmentOptions
@@ -51,6 +53,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SegmentOptio
     parser.add_argument("--batch-size", type=int, default=8, help="network inputs per pass")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 autocast where the device runs it fast (default)")
+    parser.add_argument("--device", default="",
+                        help="cpu, cuda or cuda:N (default: a GPU when there is one, else cpu)")
     parser.add_argument("--tracking-uri", default="",
                         help="MLflow tracking URI for runs:/ and models:/ "
                              "(default sqlite:///$PWD/mlflow.db)")
@@ -67,11 +71,27 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SegmentOptio
     return args, options
 
 
+def device_of(name: str) -> torch.device | None:
+    """``--device``: None (the default device) for "", else the named device, checked."""
+    if not name:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine sees {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     args, options = parse_args(argv)
     spacing = None if args.spacing is None else (args.spacing[0], args.spacing[-1])
     try:
-        model = load_model(args.model, args.tracking_uri, args.precision)
+        model = load_model(args.model, args.tracking_uri, args.precision,
+                           device_of(args.device))
         print(f"model: {model.describe()}")
         report = run_segment(model, args.input, args.out, options, spacing,
                              progress=not args.no_progress)

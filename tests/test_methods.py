@@ -318,7 +318,8 @@ def test_moco_queue_is_fifo_and_excludes_the_current_batch():
         query_view, key_view = module.view(images, g), module.view(images, g)
         with torch.no_grad():
             q = module.embed(module.encoder, module.projector, query_view)
-            k = module.keys(key_view, g)
+            k, everyone = module.keys(key_view, g)
+        assert torch.equal(k, everyone)  # one rank: the global batch is this one
         assert loss.item() == pytest.approx(moco_loss(q, k, queue_before, 0.2).item(), rel=1e-5)
         slots = [(ptr + i) % 12 for i in range(4)]
         torch.testing.assert_close(module.queue[slots], k)  # the oldest 4 replaced ...
@@ -359,11 +360,20 @@ def _moco_rank(rank: int, port: int, out: dict) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     module = tiny("moco", "moco.queue_size=20")  # 3 steps x 8 keys: wraps around
-    written = []
+    written, gathers = [], []
+    real_all_gather = dist.all_gather
+
+    def counted(*args, **kwargs):
+        gathers[-1] += 1
+        return real_all_gather(*args, **kwargs)
+
+    dist.all_gather = counted
     for step in range(3):
         images = batch(4, 80, seed=10 * step + rank)  # every rank its own images
+        gathers.append(0)
         module(images, gen(100 * step + rank))
         written.append(module.queue.clone())
+    dist.all_gather = real_all_gather
     # batch-independent keys (eval-mode BN with statistics equal on both ranks): the keys of the
     # shuffled global batch, encoded on whichever rank, must come back to their own images
     for bn in module.momentum_encoder.modules():
@@ -372,10 +382,11 @@ def _moco_rank(rank: int, port: int, out: dict) -> None:
     module.momentum_encoder.eval()
     view = batch(4, SIZE, seed=99 + rank)
     with torch.no_grad():
-        shuffled = module.keys(view, gen(rank))
+        shuffled, everyone = module.keys(view, gen(rank))
         local = module.embed(module.momentum_encoder, module.momentum_projector, view)
-    out[rank] = {"queues": written, "ptr": int(module.queue_ptr),
-                 "unshuffled": torch.allclose(shuffled, local, atol=1e-5)}
+    out[rank] = {"queues": written, "ptr": int(module.queue_ptr), "gathers": gathers,
+                 "unshuffled": torch.allclose(shuffled, local, atol=1e-5),
+                 "mine in everyone": torch.equal(everyone[4 * rank:4 * rank + 4], shuffled)}
     dist.destroy_process_group()
 
 
@@ -386,6 +397,8 @@ def test_moco_queue_is_identical_on_two_gloo_ranks():
         assert torch.equal(a, b)
     assert out[0]["ptr"] == out[1]["ptr"] == 3 * 8 % 20
     assert out[0]["unshuffled"] and out[1]["unshuffled"]
+    assert out[0]["mine in everyone"] and out[1]["mine in everyone"]
+    assert out[0]["gathers"] == [2, 2, 2]  # the key views and the keys, once each
 
 
 @pytest.mark.slow

@@ -116,9 +116,9 @@ def test_every_fold_starts_from_the_same_weights(wide_shards, tmp_path, monkeypa
     received, trained = [], []
     real_fit = tune_module.fit
 
-    def recording_fit(cfg, train_keys, val_keys, initial_state=None, on_epoch=None):
+    def recording_fit(cfg, train_keys, val_keys, initial_state=None, on_epoch=None, device=None):
         received.append({k: v.clone() for k, v in initial_state.items()})
-        result = real_fit(cfg, train_keys, val_keys, initial_state, on_epoch)
+        result = real_fit(cfg, train_keys, val_keys, initial_state, on_epoch, device)
         trained.append(result.best_state)
         return result
 

@@ -13,6 +13,7 @@ from cmunet.methods.mae import MAE
 from cmunet.methods.moco import MoCo
 from cmunet.methods.none import RandomInit
 from cmunet.methods.spark import SparK
+from cmunet.models.sync_bn import use_global_batch_norm
 
 # method name -> the CM-UNet branch flags it stands for
 CMUNET_ABLATIONS = {
@@ -34,4 +35,7 @@ def build_method(cfg) -> PretrainMethod:
         "spark": lambda: SparK(cfg.spark, width, size),
         "moco": lambda: MoCo(cfg.moco, width, size),
     }
-    return builders[cfg.method]()
+    method = builders[cfg.method]()
+    if cfg.model.sync_batch_norm:  # the heads' batch norm is global in any case
+        use_global_batch_norm(method)
+    return method

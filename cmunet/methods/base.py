@@ -1,7 +1,8 @@
 """What every pre-training method provides to the shared training loop.
 
 A method is an ``nn.Module`` that owns its networks. Per optimizer step the loop calls
-``forward(images, gen)`` under autocast -> ``(loss, logs)``; after each optimizer step
+``forward(images, gen)`` -> ``(loss, logs)``, under bf16 autocast when ``autocast_device`` is set
+(the method enters autocast itself, see ``__call__``); after each optimizer step
 ``after_step(progress)`` (EMA updates, queues) -> logs. ``export_state()`` returns the weights
 fine-tuning loads (``encoder.*``/``decoder.*`` in UNet naming) and ``gallery(images, gen)``
 returns rows of named 2-D arrays for the reconstruction figure. Parameters with
@@ -18,6 +19,18 @@ from torch import nn
 class PretrainMethod(nn.Module):
     name = "base"
     parts = {"encoder": "encoder", "decoder": "decoder"}  # UNet part -> attribute exported
+    autocast_device: str | None = None  # "cuda" / "cpu": forward runs under bf16 autocast there
+
+    def __call__(self, *args, **kwargs):
+        """``forward`` under bf16 autocast when ``autocast_device`` is set. Autocast is entered
+        here, inside DeepSpeed's ``engine.forward``: the engine turns an autocast entered outside
+        it off when ``torch.is_autocast_enabled()`` (which looks at CUDA) is true and its config
+        has no ``torch_autocast`` section (deepspeed/runtime/torch_autocast.py), so an outer
+        autocast runs bf16 on CPU but silently fp32 on GPUs. Weights stay fp32."""
+        if self.autocast_device is None:
+            return super().__call__(*args, **kwargs)
+        with torch.autocast(device_type=self.autocast_device, dtype=torch.bfloat16):
+            return super().__call__(*args, **kwargs)
 
     def forward(self, images: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

@@ -7,14 +7,17 @@ import math
 import torch
 from torch import nn
 
+from cmunet.models.sync_bn import GlobalBatchNorm
+
 
 class MLP(nn.Sequential):
-    """Linear-BN-ReLU-Linear-BN-ReLU-Linear: the CMAE projector and predictor (two hidden layers)."""
+    """Linear-BN-ReLU-Linear-BN-ReLU-Linear: the CMAE projector and predictor (two hidden layers).
+    Batch norm over the global batch, as CMAE and MoCo v3 (:class:`GlobalBatchNorm`)."""
 
     def __init__(self, dim_in: int, hidden: int, dim_out: int):
         super().__init__(
-            nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(dim_in, hidden, bias=False), GlobalBatchNorm(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden, bias=False), GlobalBatchNorm(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, dim_out),
         )
 
@@ -28,11 +31,14 @@ def cosine_momentum(progress: float, start: float, end: float = 1.0) -> float:
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """target = momentum * target + (1 - momentum) * source for parameters; buffers (BN running
-    statistics, counters) are copied, not averaged."""
-    for t, s in zip(target.parameters(), source.parameters()):
-        t.lerp_(s.detach().to(t.dtype), 1 - momentum)
-    for t, s in zip(target.buffers(), source.buffers()):
-        t.copy_(s)
+    statistics, counters) are copied, not averaged. One multi-tensor kernel each (``_foreach``),
+    not one per tensor."""
+    targets, sources = list(target.parameters()), list(source.parameters())
+    if targets:
+        torch._foreach_lerp_(targets, sources, 1 - momentum)
+    targets, sources = list(target.buffers()), list(source.buffers())
+    if targets:
+        torch._foreach_copy_(targets, sources)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

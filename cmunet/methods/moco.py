@@ -132,24 +132,27 @@ class MoCo(PretrainMethod):
         return F.normalize(projector(encoder(x)[-1].mean(dim=(2, 3))).float(), dim=1)
 
     @torch.no_grad()
-    def keys(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def keys(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Momentum keys of ``x`` with shuffled BN: each rank encodes a random share of the
-        global batch (a permutation drawn on rank 0 and broadcast), then its own keys return."""
+        global batch (a permutation drawn on rank 0 and broadcast). Returns (this rank's keys,
+        the global batch's keys in rank order) from one gather of the encoded shares."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self.embed(self.momentum_encoder, self.momentum_projector, x)
+            keys = self.embed(self.momentum_encoder, self.momentum_projector, x)
+            return keys, keys
         everything = gather_batch(x)
         order = torch.randperm(everything.shape[0], generator=gen, device=x.device)
         dist.broadcast(order, src=0)
         rank, n = dist.get_rank(), x.shape[0]
         mine = order[rank * n:(rank + 1) * n]
-        keys = gather_batch(self.embed(self.momentum_encoder, self.momentum_projector,
-                                       everything[mine]))
-        return keys[order.argsort()][rank * n:(rank + 1) * n]
+        shuffled = gather_batch(self.embed(self.momentum_encoder, self.momentum_projector,
+                                           everything[mine]))
+        keys = shuffled[order.argsort()]
+        return keys[rank * n:(rank + 1) * n], keys
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        """Write the global batch's keys over the oldest entries (first in, first out)."""
-        keys = gather_batch(keys)
+        """Write the global batch's keys (rank order) over the oldest entries (first in, first
+        out)."""
         size = self.queue.shape[0]
         if keys.shape[0] > size:
             raise ValueError(f"moco.queue_size {size} is smaller than the global batch "
@@ -161,9 +164,9 @@ class MoCo(PretrainMethod):
     def forward(self, images: torch.Tensor, gen: torch.Generator):
         query_view, key_view = self.view(images, gen), self.view(images, gen)
         q = self.embed(self.encoder, self.projector, query_view)
-        k = self.keys(key_view, gen)
+        k, everyone = self.keys(key_view, gen)
         loss = moco_loss(q, k, self.queue.clone(), self.cfg.tau)
-        self.enqueue(k)
+        self.enqueue(everyone)
         return loss, {"loss": loss}
 
     def after_step(self, progress: float) -> dict[str, float]:

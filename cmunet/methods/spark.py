@@ -59,19 +59,30 @@ def visible_at(visible: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def masked_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """``bn`` applied with statistics of the visible positions only; masked positions output 0.
 
-    The visible positions of ``x`` (B, C, H, W) are gathered into (N, C) rows and normalised by
-    ``F.batch_norm`` with ``bn``'s affine parameters and running statistics (updated in training
-    mode, as ``bn`` would), then scattered back into zeros — SparK's SparseBatchNorm2d.
+    SparK's SparseBatchNorm2d: mean and (biased) variance over the visible positions of ``x``
+    (B, C, H, W), ``bn``'s affine parameters, its running statistics used in eval mode and
+    updated in training mode (unbiased variance, as ``bn`` would). Computed as sums weighted by
+    the visibility mask, not by gathering the visible positions: boolean indexing would make the
+    host wait for the GPU twice per layer.
     """
-    where = visible_at(visible, x)[:, 0].bool()  # (B, H, W)
-    rows = x.permute(0, 2, 3, 1)[where].float()  # (N, C)
+    keep = visible_at(visible, x).float()  # (B, 1, H, W)
+    xf, dims, shape = x.float(), (0, 2, 3), (1, -1, 1, 1)
     if bn.training:
-        bn.num_batches_tracked.add_(1)
-    rows = F.batch_norm(rows, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training,
-                        bn.momentum, bn.eps)
-    out = x.new_zeros(x.permute(0, 2, 3, 1).shape)
-    out[where] = rows.to(x.dtype)
-    return out.permute(0, 3, 1, 2)
+        count = keep.sum()
+        mean = (xf * keep).sum(dims) / count
+        var = ((xf - mean.view(shape)) ** 2 * keep).sum(dims) / count
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+            unbiased = var * count / (count - 1).clamp_min(1)
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+    else:
+        mean, var = bn.running_mean.float(), bn.running_var.float()
+    out = (xf - mean.view(shape)) * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    return (out * keep).to(x.dtype)
 
 
 def sparse_apply(module: nn.Module, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ from cmunet.models.export import LoadReport, load_export, load_into
 from cmunet.models.unet import UNet
 from cmunet.tracking.mlflow_run import Tracker, TrackingConfig
 from cmunet.tracking.registry import resolve
-from cmunet.training.precision import Precision, autocast, default_device, use_bf16
+from cmunet.training.precision import (Precision, autocast, cuda_speedups, default_device,
+                                       use_bf16)
 
 WEIGHTS = "best.safetensors"
 PREPROCESSING = "preprocessing.json"
@@ -207,11 +208,12 @@ def carve_validation(keys: Sequence[str], patient_of: dict[str, str], fraction: 
     return sorted(k for p in patients[best:] for k in groups[p]), val
 
 
-def _loader(data: InMemorySet, batch_size: int, cfg: FinetuneConfig, train: bool) -> DataLoader:
+def _loader(data: InMemorySet, batch_size: int, cfg: FinetuneConfig, train: bool,
+            pin: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(cfg.seed)
     return DataLoader(data, batch_size=batch_size, shuffle=train, collate_fn=collate,
                       num_workers=cfg.data.num_workers, generator=generator,
-                      persistent_workers=False)
+                      persistent_workers=False, pin_memory=pin)
 
 
 # ---- training ----------------------------------------------------------------------------------
@@ -223,7 +225,8 @@ def predict(model: UNet, loader: Iterable[dict], device: torch.device,
     model.eval()
     masks = []
     for batch in loader:
-        image = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
+        image = batch["image"].to(device, non_blocking=True).contiguous(
+            memory_format=torch.channels_last)
         with autocast(device, bf16):
             logits = model(image)
         masks.extend(m for m in (logits.argmax(dim=1) == 1).cpu().numpy())
@@ -237,28 +240,33 @@ def mean_dice(preds: Sequence[np.ndarray], data: InMemorySet) -> float:
 
 def train_epoch(model: UNet, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 device: torch.device, bf16: bool) -> float:
-    """One pass over the training data; returns the mean loss over batches."""
+    """One pass over the training data; returns the mean loss over batches. The losses are
+    summed on the device and read once, at the end (a read per batch stalls a GPU)."""
     model.train()
-    losses = []
+    total, batches = torch.zeros((), device=device), 0
     for batch in loader:
-        image = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
-        target = batch["mask"][:, 0].to(device)
+        image = batch["image"].to(device, non_blocking=True).contiguous(
+            memory_format=torch.channels_last)
+        target = batch["mask"][:, 0].to(device, non_blocking=True)
         with autocast(device, bf16):
             logits = model(image)
         loss = segmentation_loss(logits, target)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"non-finite loss {losses[-1]}: lower train.lr "
-                                     f"(now {optimizer.param_groups[0]['lr']:g})")
+        total += loss.detach().float()
+        batches += 1
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return float(np.mean(losses))
+    mean = float(total) / max(batches, 1)
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"non-finite loss {mean}: lower train.lr "
+                                 f"(now {optimizer.param_groups[0]['lr']:g})")
+    return mean
 
 
 def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
         initial_state: dict[str, torch.Tensor] | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict], None] | None = None,
+        device: torch.device | None = None) -> FitResult:
     """Fine-tune on ``train_keys`` of ``cfg.data.shards``, choosing the epoch by the mean hard Dice
     on ``val_keys``; only these keys are ever read.
 
@@ -266,6 +274,7 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
     from :func:`build_model`. ``on_epoch`` receives each epoch's history row as it is made.
     With no ``val_keys`` (the final retraining of the search on the whole pool) nothing is
     validated: ``val_dice`` is NaN and the weights after the last epoch are returned.
+    ``device``: default :func:`default_device` (a Ray trial passes the GPU Ray gave it, or CPU).
     """
     if not train_keys:
         raise ValueError("fit needs training keys, got none")
@@ -277,17 +286,19 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
         model = UNet(width_of(initial_state, "initial_state"))
         model.load_state_dict(initial_state)
     torch.manual_seed(cfg.seed)
-    device = default_device()
+    device = device or default_device()
+    cuda_speedups(device)
     bf16 = use_bf16(device, cfg.train.precision)
     model.to(device, memory_format=torch.channels_last)
     train_set = InMemorySet(cfg.data.shards, train_keys, transform=make_augment(cfg.augment),
                             seed=cfg.seed)
     val_set = InMemorySet(cfg.data.shards, val_keys) if val_keys else None
-    train_loader = _loader(train_set, cfg.train.batch_size, cfg, train=True)
-    val_loader = (_loader(val_set, cfg.eval.batch_size, cfg, train=False)
+    pin = device.type == "cuda"  # page-locked batches: copies overlap the computation
+    train_loader = _loader(train_set, cfg.train.batch_size, cfg, train=True, pin=pin)
+    val_loader = (_loader(val_set, cfg.eval.batch_size, cfg, train=False, pin=pin)
                   if val_set is not None else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
+                                  weight_decay=cfg.train.weight_decay, fused=pin or None)
     result = FitResult(0, -1.0, [], {})
     for epoch in range(1, cfg.train.epochs + 1):
         start = time.perf_counter()

@@ -12,6 +12,19 @@ def global_batch(micro_batch: int, grad_accum: int, world_size: int) -> int:
     return micro_batch * grad_accum * world_size
 
 
+def batch_mismatch(micro_batch: int, grad_accum: int, world_size: int, intended: int) -> str:
+    """A warning when the global batch differs from the one the config was written for
+    (``intended``; 0 = not stated), else an empty string."""
+    actual = global_batch(micro_batch, grad_accum, world_size)
+    if not intended or actual == intended:
+        return ""
+    return (f"global batch {micro_batch} x {grad_accum} x {world_size} ranks = {actual}, but the "
+            f"config was written for train.global_batch={intended}: the LR (scaled by the global "
+            "batch), the warm-up in steps and the per-rank batch-norm statistics change. Set "
+            f"train.micro_batch x train.grad_accum x ranks = {intended}, or "
+            f"train.global_batch={actual} to mean it")
+
+
 def scaled_lr(base_lr: float, micro_batch: int, grad_accum: int, world_size: int) -> float:
     """The linear scaling rule lr = base_lr * global_batch / 256 (MAE, CMAE), for any number of
     ranks and accumulation steps (the reference code hard-coded 16 GPUs)."""
@@ -53,9 +66,14 @@ def deepspeed_config(micro_batch: int, grad_accum: int, world_size: int, zero_st
         "zero_allow_untested_optimizer": True,  # our torch AdamW: no fused-Adam JIT build
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # the throughput timer is on by default and synchronises the GPU twice per micro-step
+        "timers": {"throughput": {"enabled": False}},
     }
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
                    betas: tuple[float, float]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+    """AdamW; the fused kernel when the parameters are on a GPU (one launch per step)."""
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas,
+                             fused=fused or None)

@@ -19,8 +19,11 @@ Precision = Literal["auto", "bf16", "fp32"]
 
 
 def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` modulo the GPUs this process sees (one each under SLURM's
+    ``--gpu-bind`` or Kubernetes, all of the node's under deepspeed/torchrun), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) %
+                            torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -38,13 +41,37 @@ def cpu_has_fast_bf16() -> bool:
 def use_bf16(device: torch.device, precision: Precision) -> bool:
     if precision == "fp32":
         return False
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere or newer; older GPUs emulate bf16, slower than fp32
+        supported = torch.cuda.is_bf16_supported(including_emulation=False)
     else:
         supported = device.type == "cpu" and cpu_has_fast_bf16()
     if precision == "bf16" and not supported and device.type != "cpu":
-        raise ValueError(f"precision=bf16 requested but {device} does not support bf16")
+        raise ValueError(f"precision=bf16 requested but {device} has no native bf16 (Ampere or "
+                         "newer); use precision=fp32 or auto")
     return supported or precision == "bf16"
+
+
+def cuda_speedups(device: torch.device) -> None:
+    """On a GPU: cuDNN picks the fastest convolution algorithms for our fixed input sizes and
+    fp32 matrix products use TF32 (convolutions do by default). Process-wide; no-op on CPU."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
+
+def activation_dtypes(module: torch.nn.Module, run) -> set[torch.dtype]:
+    """The dtypes of the outputs of ``module``'s convolutions and linear layers while ``run()``
+    executes (e.g. one training step): ``{torch.bfloat16}`` when bf16 autocast is really
+    active there, ``{torch.float32}`` when something switched it off."""
+    dtypes: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+             for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dtypes
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -27,22 +27,23 @@ from cmunet.models.export import save_export
 from cmunet.models.unet import count_parameters
 from cmunet.tracking.mlflow_run import Tracker
 from cmunet.training import checkpoint as ckpt
-from cmunet.training.distributed import DistInfo, init_distributed, shutdown
-from cmunet.training.optim import (deepspeed_config, global_batch, make_optimizer, scaled_lr,
-                                   warmup_cosine)
-from cmunet.training.precision import autocast, use_bf16
+from cmunet.training.distributed import (DistInfo, barrier, decided_by_main, init_distributed,
+                                         ranks_where, shutdown)
+from cmunet.training.optim import (batch_mismatch, deepspeed_config, global_batch,
+                                   make_optimizer, scaled_lr, warmup_cosine)
+from cmunet.training.precision import cuda_speedups, use_bf16
 from cmunet.training.pretrain_config import PretrainConfig
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pre-training; returns the export folder."""
-    info = init_distributed()
+    info = init_distributed(cfg.train.collective_timeout_s)
     try:
         export = _Run(cfg, info).train()
     except BaseException:
         shutdown(wait=False)
         raise
-    shutdown()
+    shutdown(wait=False)  # the ranks met in _finish; rank 0 publishes after that, alone
     return export
 
 
@@ -76,8 +77,13 @@ class _Run:
         self.stream.epochs = t.epochs
         self.total_steps = self.steps_per_epoch * t.epochs
         self.bf16 = use_bf16(info.device, t.precision)
+        mismatch = batch_mismatch(t.micro_batch, t.grad_accum, world, t.global_batch)
+        if mismatch:
+            self.log(f"warning: {mismatch}")
 
+        cuda_speedups(info.device)
         method = build_method(cfg).to(info.device)
+        method.autocast_device = info.device.type if self.bf16 else None
         optimizer = make_optimizer(method, self.lr, t.weight_decay, t.betas)
         schedule = warmup_cosine(self.total_steps,
                                  min(t.warmup_epochs, t.epochs) * self.steps_per_epoch,
@@ -116,8 +122,7 @@ class _Run:
                  f" steps/epoch, {self.total_steps} steps")
 
     def _resume(self) -> None:
-        found = ckpt.find_resumable(self.ckpt_dir, self.fingerprint) \
-            if self.ckpt_dir.is_dir() else None
+        found = resume_point(self.ckpt_dir, self.fingerprint)
         if found is None:
             return
         tag, client_state = found
@@ -160,8 +165,7 @@ class _Run:
     def _micro_step(self, images: torch.Tensor, micro: int) -> None:
         seed = step_seed(self.cfg.seed, self.state["step"], micro, self.info.rank)
         gen = torch.Generator(device=self.info.device).manual_seed(seed)
-        with autocast(self.info.device, self.bf16):
-            loss, logs = self.engine(images, gen)
+        loss, logs = self.engine(images, gen)  # bf16 autocast inside: method.autocast_device
         self.engine.backward(loss)
         self.engine.step()
         self.window.add({k: v.detach() for k, v in logs.items()}, images.shape[0])
@@ -181,9 +185,10 @@ class _Run:
 
     def _log(self, extra: dict, bar) -> None:
         means, images_per_s = self.window.flush()
-        if not all(math.isfinite(v) for v in means.values()):
-            raise FloatingPointError(f"non-finite loss at step {self.state['step']}: {means}; "
-                                     "stopping (lower train.base_lr or check the data)")
+        bad = ranks_where(not all(math.isfinite(v) for v in means.values()))
+        if bad:  # every rank stops here together, none waits in the next collective
+            raise FloatingPointError(f"non-finite loss at step {self.state['step']} on rank(s) "
+                                     f"{bad}; stopping (lower train.base_lr or check the data)")
         metrics = {**means, **extra, "lr": self.scheduler.get_last_lr()[0],
                    "images_per_s": images_per_s * self.info.world_size,
                    "epoch": self.state["step"] / self.steps_per_epoch}
@@ -250,6 +255,7 @@ class _Run:
 
     def _finish(self) -> Path:
         folder = self.out / "export"
+        barrier()  # training is over on every rank: none waits on rank 0's export and MLflow
         if self.info.is_main:
             self._publish(folder, "export")
             self.tracker.log_artifact(self.out / "config.yaml")
@@ -287,3 +293,11 @@ def _append_csv(path: Path, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def resume_point(folder: Path, want: dict) -> tuple[str, dict] | None:
+    """(tag, client state) of the checkpoint to resume from, chosen by rank 0 and shared: ranks
+    reading a shared file system may list different folders and must not resume from different
+    steps (a rank that cannot see the chosen one then fails loading it, naming it)."""
+    return decided_by_main(
+        lambda: ckpt.find_resumable(folder, want) if folder.is_dir() else None)

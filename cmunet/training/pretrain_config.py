@@ -24,6 +24,9 @@ METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
 @dataclass
 class ModelConfig:
     width: int = 64  # w: UNet widths w, 2w, 4w, 8w, 16w; 64 = the paper's 31.04 M UNet
+    # batch norm of the UNets over the global batch, not each rank's micro-batch (slower: two
+    # all-reduces per layer); the contrastive heads' batch norm is always global
+    sync_batch_norm: bool = False
 
     def __post_init__(self):
         check(self.width >= 2, "width", "must be >= 2")
@@ -57,6 +60,9 @@ class PretrainTrain:
     steps_per_epoch: int = 0  # optimizer steps per rank; 0 = one pass: pool / global batch, up
     micro_batch: int = 32  # per rank and micro-step
     grad_accum: int = 1
+    # the global batch (micro_batch x grad_accum x ranks) the config was written for: a warning
+    # when a run differs (LR, warm-up and batch statistics change with it); 0 = not stated
+    global_batch: int = 0
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
     min_lr: float = 0.0
     weight_decay: float = 0.05
@@ -71,16 +77,21 @@ class PretrainTrain:
     figure_every: int = 10  # epochs between reconstruction figures (and at the end)
     export_every: int = 0  # epochs between periodic exports (0 = final export only)
     export_epochs: list[int] = field(default_factory=list)  # more periodic exports, e.g. [30, 100]
+    # seconds a rank waits in a collective before the job fails; rank 0 alone makes figures,
+    # probes and exports at epoch ends while the others wait (DeepSpeed's default: 10 min)
+    collective_timeout_s: int = 3600
 
     def __post_init__(self):
         check(self.epochs >= 0, "epochs", "must be >= 0 (0 = export the initialisation)")
         check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
         check(self.micro_batch >= 2, "micro_batch", "must be >= 2 (batch norm, negatives)")
         check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        check(self.global_batch >= 0, "global_batch", "must be >= 0 (0 = not stated)")
         check(self.zero_stage in (0, 1, 2), "zero_stage", "must be 0, 1 or 2")
         check(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         check(all(e > 0 for e in self.export_epochs), "export_epochs", "must be epochs >= 1")
+        check(self.collective_timeout_s >= 60, "collective_timeout_s", "must be >= 60 seconds")
 
 
 @dataclass
@@ -103,6 +114,8 @@ class PretrainConfig:
 
     def __post_init__(self):
         check(self.view_size % 16 == 0, "view_size", "must be a multiple of 16")
+        check(not (self.model.sync_batch_norm and self.method == "spark"), "model.sync_batch_norm",
+              "is not available for spark (its masked batch norm runs per rank)")
         # what a method name implies wins over the sections, so the saved config says what ran
         if self.method in CMUNET_ABLATIONS:
             self.cmunet = replace(self.cmunet, **CMUNET_ABLATIONS[self.method])

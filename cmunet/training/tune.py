@@ -30,6 +30,7 @@ import csv
 import json
 import logging
 import math
+import os
 import random
 import statistics
 import time
@@ -183,7 +184,8 @@ def cv_metrics(scores: Sequence[FoldScore], current: float | None = None) -> dic
 
 
 def cross_validate(cfg: FinetuneConfig, folds: Folds, initial_state: dict[str, torch.Tensor],
-                   report: Report | None = None, every_epoch: bool = False) -> dict[str, float]:
+                   report: Report | None = None, every_epoch: bool = False,
+                   device: torch.device | None = None) -> dict[str, float]:
     """Fine-tune every fold from the same ``initial_state`` (never from the previous fold's
     weights) and return :func:`cv_metrics` of all folds.
 
@@ -197,7 +199,7 @@ def cross_validate(cfg: FinetuneConfig, folds: Folds, initial_state: dict[str, t
         on_epoch = None
         if report is not None and every_epoch:
             on_epoch = _epoch_reporter(scores, cfg.train.epochs, report)
-        result = fit(cfg, train_keys, val_keys, initial_state, on_epoch)
+        result = fit(cfg, train_keys, val_keys, initial_state, on_epoch, device)
         scores.append(FoldScore(result.best_val_dice, result.best_epoch))
     metrics = cv_metrics(scores)
     if report is not None and not every_epoch:
@@ -228,7 +230,7 @@ def run_trial(config: dict, *, settings: FinetuneConfig, folds: Folds,
     torch.set_num_threads(threads)
     cfg = replace(settings, train=replace(settings.train, lr=float(config["lr"]),
                                           batch_size=int(config["batch_size"])))
-    cross_validate(cfg, folds, initial_state, tune.report, every_epoch)
+    cross_validate(cfg, folds, initial_state, tune.report, every_epoch, ray_device())
 
 
 # ---- the search on Ray -------------------------------------------------------------------------
@@ -475,7 +477,20 @@ def retrain(cfg: TuneConfig, best: dict, folds: int, pool: list[str],
 def _retrain(cfg: FinetuneConfig, keys: list[str], initial_state: dict[str, torch.Tensor],
              threads: int) -> FitResult:
     torch.set_num_threads(threads)
-    return fit(cfg, keys, [], initial_state)
+    return fit(cfg, keys, [], initial_state, device=ray_device())
+
+
+def ray_device() -> torch.device:
+    """The device of a Ray trial or task: the GPU Ray assigned it, the CPU when it has none.
+    (Ray 2.60 no longer hides the GPUs from tasks given none, so with ``gpus_per_trial: 0``
+    every trial would pick ``cuda:0``.) Ray restricts CUDA_VISIBLE_DEVICES to the assigned
+    GPUs unless told not to; the index is then the GPU's place among the visible ones."""
+    ids = [str(i) for i in ray.get_gpu_ids()]
+    if not ids or not torch.cuda.is_available():
+        return torch.device("cpu")
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+               if v.strip()]
+    return torch.device("cuda", visible.index(ids[0]) if ids[0] in visible else int(ids[0]))
 
 
 def save_model(final: FinetuneConfig, result: FitResult, best: dict, pool: list[str]) -> Path:
