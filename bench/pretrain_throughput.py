@@ -78,6 +78,7 @@ def cmunet_step(case: tuple, precision: str, world: int, device: torch.device):
         engine.backward(loss)
         engine.step()
         engine.module.after_step(0.5)
+    step.engine = engine
     return step
 
 

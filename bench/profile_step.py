@@ -57,9 +57,7 @@ def _worker(rank: int, world: int, port: int, case: tuple, steps: int, out) -> N
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     info = init_distributed()
     engine_step = pretrain_throughput.cmunet_step(case, "bf16", world, info.device)
-    engine = engine_step.__closure__  # the engine lives in the step's closure
-    cells = {c.cell_contents.__class__.__name__: c.cell_contents for c in engine}
-    ds, method = cells["DeepSpeedEngine"], cells["DeepSpeedEngine"].module
+    ds, method = engine_step.engine, engine_step.engine.module
     method.views = _labelled(method.views, "views and masks")
     method.after_step = _labelled(method.after_step, "EMA")
     ds.forward = _labelled(ds.forward, "forward")
