@@ -114,7 +114,7 @@ class _Run:
         if found is None:
             return
         tag, client_state = found
-        _, loaded = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        loaded = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
         loaded = loaded or client_state  # DeepSpeed returns its own keys too: keep ours
         self.state.update({key: loaded[key] for key in self.state})
         self.log(f"resuming from {self.ckpt_dir / tag}: epoch {self.state['epoch']}, "
