@@ -74,6 +74,9 @@ def init_distributed() -> DistInfo:
         set_cpu_threads()
         _skip_inference_allreduce_op()
     if not torch.distributed.is_initialized():
+        from cmunet.training.rendezvous import init_process_group  # listeners on MASTER_ADDR only
+
+        init_process_group("nccl" if device.type == "cuda" else "gloo")
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                     int(os.environ["LOCAL_RANK"]), device)

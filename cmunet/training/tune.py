@@ -282,19 +282,58 @@ class TrialLog(tune.Callback):
 @contextmanager
 def ray_session(search: SearchConfig) -> Iterator[None]:
     """Ray for the search: a cluster (``search.address``) or a local instance started here and
-    shut down afterwards; an instance already running in this process is used as it is."""
+    shut down afterwards; an instance already running in this process is used as it is.
+
+    The local instance requires a token (Ray's token authentication): a random one made for this
+    session and kept in this process's environment (its workers inherit it), never written to a
+    file, unless RAY_AUTH_MODE / RAY_AUTH_TOKEN are set. Ray 2.x's servers listen on every
+    interface; the token is what keeps others out (docs/multinode.md)."""
     if ray.is_initialized():
         yield
         return
-    if search.address:
-        ray.init(address=search.address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=search.num_cpus or None, include_dashboard=False,
-                 _temp_dir=str(Path(search.temp_dir).resolve()), logging_level=logging.WARNING)
+    with ray_token(local=not search.address):
+        if search.address:
+            ray.init(address=search.address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=search.num_cpus or None, include_dashboard=False,
+                     _temp_dir=str(Path(search.temp_dir).resolve()),
+                     logging_level=logging.WARNING)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextmanager
+def ray_token(local: bool = True) -> Iterator[None]:
+    """For a ``local`` Ray: RAY_AUTH_MODE=token with a random RAY_AUTH_TOKEN (unless the user set
+    them) for the session, the workers it starts included; restored afterwards."""
+    import os
+    import secrets
+
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if not local:
+        yield
+        return
+    names = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+    saved = {name: os.environ.get(name) for name in names}
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        raise ValueError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: the local Ray of the "
+                         "search runs only with token authentication; unset RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    Config.initialize("")  # Ray caches its settings and token: read them again
+    AuthenticationTokenLoader.instance().reset_cache()
     try:
         yield
     finally:
-        ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def param_space(search: SearchConfig) -> dict:
