@@ -31,6 +31,10 @@ class Preempted(Exception):
                          f"its checkpoint; relaunch the same command to resume")
 
 
+class Interrupted(Exception):
+    """A job stopped by a signal after saving what lets a relaunch continue (exit PREEMPTED)."""
+
+
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 

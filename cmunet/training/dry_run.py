@@ -53,3 +53,34 @@ def describe(plan: dict) -> str:
         f"{plan['total_steps']} steps",
         f"resume from {plan['resume_from']} (step {plan['resume_step']})"
         if plan["resume_from"] else "starts from scratch (no compatible checkpoint)"])
+
+
+def search_plan(cfg) -> str:
+    """What ``launch/tune.py`` would run (TuneConfig ``cfg``): pool, folds and trials, and the
+    saved search state it would continue; no Ray is started."""
+    from cmunet.training.finetune import patients_of
+    from cmunet.training.tune import patient_folds
+
+    s = cfg.search
+    from cmunet.tracking.registry import is_mlflow_uri
+
+    init = None if cfg.init == "none" or is_mlflow_uri(cfg.init) else cfg.init
+    check_out(cfg.out, {"data.shards": cfg.data.shards, "init": init})
+    splits = load_splits(Path(cfg.data.shards) / "splits.json")
+    pool = pool_keys(splits, "finetune", cfg.data.ratio)
+    folds = patient_folds(pool, patients_of(cfg.data.shards), s.folds, cfg.seed, lambda m: None)
+    if s.mode == "grid":
+        trials = [f"lr={lr:g} batch_size={b}" for lr in s.lr for b in s.batch_size]
+    else:
+        trials = [f"{s.samples} draws: lr log-uniform in [{min(s.lr):g}, {max(s.lr):g}], "
+                  f"batch_size in {list(s.batch_size)}"]
+    state = f"{(s.storage or str(Path(cfg.out) / 'ray')).rstrip('/')}/search"
+    resume = Path(state).is_dir() and (Path(state) / "tuner.pkl").exists()
+    lines = [f"dry run of the search into {cfg.out} (Ray not started)",
+             f"fine-tuning pool {cfg.data.ratio}: {len(pool)} images in {len(folds)} folds of "
+             f"{', '.join(str(len(v)) for _, v in folds)}",
+             f"{len(trials) if s.mode == 'grid' else s.samples} trials x {len(folds)} folds x "
+             f"{cfg.train.epochs} epochs, init {cfg.init}:",
+             *[f"  {t}" for t in trials],
+             f"continues the saved search in {state}" if resume else "a new search"]
+    return "\n".join(lines)
