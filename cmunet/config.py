@@ -46,11 +46,22 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         _set_dotted(data, key.strip(), _Raw(value))
-    where = f" (in {path})" if path is not None else ""
     try:
         return from_dict(cls, data)
     except ConfigError as err:
+        where = ""
+        if path is not None:  # blame the file only when it fails without the overrides too
+            where = f" (in {path})" if not overrides or _fails(cls, path) else \
+                " (in the command-line overrides)"
         raise ConfigError(f"{err}{where}") from None
+
+
+def _fails(cls: type, path: str | Path) -> bool:
+    try:
+        from_dict(cls, read_yaml_mapping(path))
+    except ConfigError:
+        return True
+    return False
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:

@@ -70,6 +70,16 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
         load_config(Job, path)
 
 
+def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Job, path, ["train.epochs=two"])
+    assert "in the command-line overrides" in str(err.value) and "c.yaml" not in str(err.value)
+    bad = write(tmp_path, "train:\n  epochs: two\n")
+    with pytest.raises(ConfigError, match=r"in .*c.yaml"):
+        load_config(Job, bad, ["name=x"])
+
+
 def test_saved_config_loads_back_identically(tmp_path):
     cfg = load_config(Job, None, ["train.epochs=7", "ratios=[50-30, 79-1]"])
     path = save_config(cfg, tmp_path / "out" / "config.yaml")

@@ -76,11 +76,80 @@ def test_plain_python_resumes_and_reproduces_the_next_losses(tiny_shards, tmp_pa
     assert f"resuming from {Path('OUT') / 'checkpoints' / f'step_{resume_step:08d}'}" in text
     with (out / "log.csv").open() as f:
         rows = list(csv.DictReader(f))
-    resumed = {int(r["step"]): float(r["loss"]) for r in rows[len(full):]}
-    assert sorted(resumed) == list(range(resume_step + 1, last + 1))
+    assert [int(r["step"]) for r in rows] == steps  # the redone steps are not logged twice
+    for step, loss in losses(out).items():  # those after resume_step were computed again
+        assert loss == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+    runs = runs_in(tmp_path / "mlflow.db")
+    assert len(runs) == 1  # the resumed run continues the same run, without repeated points
+    assert [m.step for m in metric_history(tmp_path / "mlflow.db", runs[0], "loss")] == steps
+
+
+def metric_history(db: Path, run, key: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{db}").get_metric_history(run.info.run_id, key)
+    return sorted(history, key=lambda m: m.step)
+
+
+def test_sigterm_writes_a_checkpoint_and_the_relaunch_resumes_exactly(tiny_shards, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    cmd = [sys.executable, str(ROOT / "launch/pretrain.py"), *TINY, f"data.shards={tiny_shards}",
+           "train.epochs=3", "train.steps_per_epoch=5", "train.checkpoint_every=1000",
+           "train.figure_every=100",
+           "data.ratio=50-30"]
+    run([*cmd, "out=FULL"], cwd=tmp_path)
+    full = losses(tmp_path / "FULL")
+    out = tmp_path / "OUT"
+    proc = subprocess.Popen([*cmd, "out=OUT"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    while proc.poll() is None and not (out / "log.csv").is_file() or len(losses(out)) < 3:
+        time.sleep(0.05)
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    listening = {c.laddr.ip for p in tree for c in p.net_connections("inet")
+                 if c.status == "LISTEN"}
+    assert listening <= {"127.0.0.1"}  # rendezvous store and gloo: loopback only
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, text[-3000:]  # a checkpoint was written: relaunch to resume
+    stopped = json.loads((out / "preempted.json").read_text())["step"]
+    assert 3 <= stopped < max(full) and "preempted: stopped by SIGTERM" in text
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == [f"step_{stopped:08d}"]
+    assert sorted(losses(out)) == list(range(1, stopped + 1))
+    text = run([*cmd, "out=OUT"], cwd=tmp_path)
+    assert f"step {stopped}" in text and not (out / "preempted.json").exists()
+    resumed = losses(out)
+    assert sorted(resumed) == sorted(full)
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
-    assert len(runs_in(tmp_path / "mlflow.db")) == 1  # the resumed run continues the same run
+    run_ = [r for r in runs_in(tmp_path / "mlflow.db") if r.info.run_name == "OUT"]
+    assert len(run_) == 1 and run_[0].info.status == "FINISHED"
+    assert [m.step for m in metric_history(tmp_path / "mlflow.db", run_[0], "loss")] == \
+        sorted(full)
+
+
+def test_user_mistakes_are_one_line_errors_and_dry_run_starts_nothing(tiny_shards, tmp_path):
+    base = [sys.executable, str(ROOT / "launch/pretrain.py"), *TINY, "data.ratio=50-30"]
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for args, message in [([f"data.shards={tiny_shards}", "out=file"], "is an existing file"),
+                          ([f"data.shards={tiny_shards}", f"out={tiny_shards}"], "is the input"),
+                          (["data.shards=empty", "out=OUT"], "manifest.json does not exist"),
+                          ([f"data.shards={tiny_shards}", "out=OUT", "train.base_lr=-1"],
+                           "'train.base_lr' must be a positive number")]:
+        result = subprocess.run([*base, *args], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    result = subprocess.run([*base, f"data.shards={tiny_shards}", "out=OUT", "--dry-run",
+                             "train.epochs=4"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "WORLD_SIZE": "2"})
+    assert result.returncode == 0, result.stderr
+    assert "global batch 8, lr" in result.stdout and "starts from scratch" in result.stdout
+    assert "world size 2" in result.stdout and not (tmp_path / "OUT").exists()
 
 
 def test_probe_and_registered_exports_feed_fine_tuning(tiny_shards, tmp_path):

@@ -172,8 +172,74 @@ def test_existing_output_is_kept_unless_overwrite(tiny_folder, tmp_path, capsys)
     (out / "keep.txt").write_text("mine")
     assert run(tiny_folder, out) == 2 and (out / "keep.txt").exists()
     assert "already exists" in capsys.readouterr().err
-    assert run(tiny_folder, out, "--overwrite") == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert run(tiny_folder, out, "--overwrite") == 2 and (out / "keep.txt").exists()
+    assert "not written by this tool" in capsys.readouterr().err  # a foreign folder stays
+    (out / "keep.txt").unlink()
+    assert run(tiny_folder, out, "--overwrite") == 0 and (out / "manifest.json").exists()
+    assert run(tiny_folder, out, "--overwrite") == 0  # an earlier output of this tool is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_never_replaces_an_input(tmp_path, capsys):
+    data = write_tiny_images(tmp_path / "DATA", count=3)
+    before = sorted(str(p.relative_to(data)) for p in data.rglob("*"))
+    assert run(data, data, "--overwrite") == 2  # --out DATA holds the images, masks and meta
+    assert "holds the input images" in capsys.readouterr().err
+    assert run(data, data / "images", "--overwrite") == 2
+    assert "is the input images" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before
+    (tmp_path / "file").write_text("x")
+    assert run(data, tmp_path / "file") == 2 and "existing file" in capsys.readouterr().err
+
+
+def test_mask_without_an_image_is_named_or_skipped(tmp_path, capsys):
+    folder = write_tiny_images(tmp_path / "in", count=3, per_patient=1)
+    shutil.copy(folder / "masks" / "img000.png", folder / "masks" / "orphan.png")
+    assert run(folder, tmp_path / "out", meta=False) == 2
+    err = capsys.readouterr().err
+    assert "orphan.png: mask without an image" in err
+    assert run(folder, tmp_path / "out", "--skip-bad", meta=False) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["orphan_masks"] == [str(folder / "masks" / "orphan.png")]
+    assert "orphan.png" in capsys.readouterr().out
+
+
+def test_one_sixteen_bit_file_is_named_and_skippable(tmp_path, capsys):
+    folder = write_tiny_images(tmp_path / "in", count=4, per_patient=1)
+    odd = folder / "images" / "img002.png"
+    Image.fromarray(np.asarray(Image.open(odd)).astype(np.uint16) * 256).save(odd)
+    assert run(folder, tmp_path / "out") == 2
+    assert f"{odd}: is stored as uint16" in capsys.readouterr().err
+    assert run(folder, tmp_path / "out", "--skip-bad") == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["count"] == 3 and [s["file"] for s in manifest["skipped"]] == [str(odd)]
+
+
+def test_sigterm_and_sigkill_leave_no_temporary_folder(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    folder = write_tiny_images(tmp_path / "in", count=60, size=256)
+    cmd = [sys.executable, str(ROOT / "tools/shard.py"), "--images", str(folder / "images"),
+           "--out", str(tmp_path / "out"), "--workers", "1", "--size", "256"]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".out.tmp-*")) and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        proc.send_signal(sig)
+        assert proc.wait(60) == (143 if sig == signal.SIGTERM else -sig), proc.stderr.read()
+        left = list(tmp_path.glob(".out.tmp-*"))
+        assert left == [] if sig == signal.SIGTERM else len(left) == 1
+    assert not (tmp_path / "out").exists()
+    subprocess.run([*cmd, "--size", "32"], check=True, capture_output=True)  # removes the stale
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
 
 
 def test_failure_in_a_late_file_removes_everything(tmp_path):

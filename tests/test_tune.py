@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import replace
@@ -302,3 +304,36 @@ def test_launch_tune_end_to_end_registers_a_loadable_champion(wide_shards, tmp_p
     files = {p.name for p in Path(mlflow.artifacts.download_artifacts(
         "models:/cmunet@champion", dst_path=str(tmp_path / "download"))).rglob("*")}
     assert {"best.safetensors", "preprocessing.json", "MLmodel"} <= files
+
+
+@pytest.mark.slow
+def test_sigterm_mid_search_then_relaunch_skips_finished_trials(wide_shards, tmp_path):
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
+    cmd = [sys.executable, str(ROOT / "launch/tune.py"), "--config", CPU_YAML,
+           f"data.shards={wide_shards}", "init=none", "out=OUT", *TINY, "search.lr=[1e-2, 1e-3]",
+           "search.max_concurrent=1", "search.num_cpus=1", f"search.temp_dir={temp}"]
+    dry = subprocess.run([*cmd, "--dry-run"], cwd=tmp_path, capture_output=True, text=True)
+    assert dry.returncode == 0 and "lr=0.01 batch_size=4" in dry.stdout and "a new search" in \
+        dry.stdout and not (tmp_path / "OUT").exists(), dry.stderr
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+    def finished() -> list[Path]:
+        return [p for p in (tmp_path / "OUT" / "ray" / "search").glob("*/result.json")
+                if '"folds_done": 3' in p.read_text()]
+
+    deadline = time.time() + 600
+    while not finished() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, text[-3000:]
+    done = {p: p.read_text() for p in finished()}
+    assert len(done) == 1 and not (tmp_path / "OUT" / "result.json").exists()
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for path, before in done.items():
+        assert path.read_text() == before  # the finished trial did not run again
+    with (tmp_path / "OUT" / "trials.csv").open() as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["COMPLETED", "COMPLETED"]
+    shutil.rmtree(temp, ignore_errors=True)

@@ -17,6 +17,7 @@ import sys
 from cmunet.config import ConfigError, load_config
 from cmunet.data.io import BadInput
 from cmunet.data.sharding import ShardConfig, build_shards
+from cmunet.outdir import OutputError
 
 FLAGS = {  # command-line flag -> config key
     "images": "images", "masks": "masks", "meta": "meta", "out": "out",
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dicom-frames", choices=["all", "first", "middle"],
                         help="frames taken from multi-frame DICOM (default all)")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad files and list them")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out written by this tool (never "
+                        "an input or a folder of other files)")
     parser.add_argument("--salt", help="secret for hashing DICOM patient ids (default: "
                                        "$CMUNET_SALT, else random per run); never stored")
     parser.add_argument("--config", help="YAML file of shard settings (keys: docs/configuration.md, ShardConfig)")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(ShardConfig, args.config, overrides + args.overrides)
         manifest = build_shards(cfg, salt=args.salt, log=lambda m: print(m, file=sys.stderr))
-    except (ConfigError, BadInput, FileExistsError) as err:
+    except (ConfigError, BadInput, OutputError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     _summary(cfg, manifest)
@@ -70,6 +72,10 @@ def _summary(cfg: ShardConfig, m: dict) -> None:
         print(f"skipped {len(m['skipped'])} bad files:")
         for item in m["skipped"]:
             print(f"  {item['file']}: {item['problem']}")
+    if m.get("orphan_masks"):
+        print(f"ignored {len(m['orphan_masks'])} masks without an image:")
+        for item in m["orphan_masks"]:
+            print(f"  {item}")
     if m["dropped_masks"]:
         print(f"kept {len(m['dropped_masks'])} images unlabelled (bad masks):")
         for item in m["dropped_masks"]:

@@ -4,7 +4,9 @@ The output folder holds ``shard-NNNNNN.tar`` files, ``manifest.json``, ``splits.
 ``config.yaml``. Each sample is ``<key>.image.png`` (lossless, uint8 or uint16), optionally
 ``<key>.mask.png`` (uint8, 0/255) and ``<key>.sample.json`` (patient group, pixel spacing).
 Everything is written to a temporary folder beside the output and renamed at the end, so a failed
-run leaves nothing behind. Intensity statistics (for the dataset z-score) are computed over the
+or terminated (SIGTERM) run leaves nothing behind; a later run removes the temporary folders of
+killed runs (SIGKILL). ``overwrite`` replaces only an empty folder or an earlier output of this
+tool (see :mod:`cmunet.outdir`), never an input. Intensity statistics (for the dataset z-score) are computed over the
 non-test samples only.
 """
 
@@ -32,6 +34,8 @@ from cmunet.data.io import IMAGE_SUFFIXES, BadInput, find_images, read_frames, r
 from cmunet.data.meta import ImageMeta, load_meta, sample_key
 from cmunet.data.preprocess import PreprocessConfig, preprocess_image, preprocess_mask
 from cmunet.data.splits import PAPER_RATIOS, SampleInfo, make_splits, save_splits
+from cmunet.outdir import check_out, remove_stale, temp_sibling
+from cmunet.preempt import default_sigterm, sigterm_exits
 
 FORMAT = "cmunet-shards/1"
 
@@ -88,30 +92,49 @@ def build_shards(cfg: ShardConfig, salt: str | None = None, log=print) -> dict:
     """Run the whole job; returns the manifest. Raises BadInput on the first bad file unless
     ``cfg.skip_bad``."""
     start = time.perf_counter()
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    out = check_out(cfg.out, {"images": cfg.images, "masks": cfg.masks, "meta": cfg.meta,
+                              "test_list": cfg.test_list}, cfg.overwrite, is_shard_output,
+                    must_be_new=True)
+    remove_stale(out, log)
     files = find_images(cfg.images)
     if cfg.preprocess.size == 0:
         cfg = replace(cfg, preprocess=replace(cfg.preprocess, size=_native_size(files, cfg)))
     masks = _index_masks(cfg.masks) if cfg.masks else {}
+    orphans = sorted(set(masks) - {sample_key(f) for f in files})
+    if orphans and not cfg.skip_bad:
+        raise BadInput(masks[orphans[0]], f"mask without an image of the same name in "
+                       f"{cfg.images} ({len(orphans)} such masks); rename or remove it, or pass "
+                       "--skip-bad to list and ignore them")
     meta = load_meta(cfg.meta) if cfg.meta else None
     salt = salt or os.environ.get("CMUNET_SALT") or os.urandom(16).hex()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temp_sibling(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        manifest = _write(cfg, files, masks, meta, salt, tmp, log)
-        manifest["seconds"] = round(time.perf_counter() - start, 2)
-        _write_json(tmp / "manifest.json", manifest)
-        save_config(cfg, tmp / "config.yaml")
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with sigterm_exits():  # SIGTERM raises SystemExit here, so the temporary folder goes
+        tmp.mkdir()
+        try:
+            manifest = _write(cfg, files, masks, meta, salt, tmp, log)
+            manifest["orphan_masks"] = [str(masks[key]) for key in orphans]
+            for key in orphans:
+                log(f"skipped {masks[key]}: mask without an image of the same name")
+            manifest["seconds"] = round(time.perf_counter() - start, 2)
+            _write_json(tmp / "manifest.json", manifest)
+            save_config(cfg, tmp / "config.yaml")
+            _replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return manifest
+
+
+def is_shard_output(folder: Path) -> bool:
+    """Whether ``folder`` holds a manifest.json written by this tool (what --overwrite may
+    replace)."""
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _write(cfg, files, masks, meta, salt, tmp: Path, log) -> dict:
@@ -131,9 +154,6 @@ def _write(cfg, files, masks, meta, salt, tmp: Path, log) -> dict:
     if not samples:
         raise BadInput(cfg.images, "no usable image (every file was skipped)")
     dtypes = sorted({s["dtype"] for s in samples})
-    if len(dtypes) > 1:
-        raise BadInput(cfg.images, f"images mix storage types {dtypes}; convert them to one bit "
-                                   "depth")
     splits = make_splits([SampleInfo(s["key"], s["patient"], s["labelled"]) for s in samples],
                          seed=cfg.split_seed, test_fraction=cfg.test_fraction, ratios=cfg.ratios,
                          test_keys=_read_test_list(cfg.test_list) if cfg.test_list else None)
@@ -164,7 +184,14 @@ def _collect(results, cfg: ShardConfig, writer, samples: list, skipped: list,
              dropped_masks: list, log) -> None:
     """Write each processed file's samples in input order; record skipped files and masks."""
     seen: set[str] = set()
+    first: tuple[Path, str] | None = None  # the first image's file and storage type
     for path, result in results:
+        if not isinstance(result, BadInput) and result:
+            first = first or (path, result[0].dtype)
+            if result[0].dtype != first[1]:
+                result = BadInput(path, f"is stored as {result[0].dtype} but {first[0].name} and "
+                                        f"the images before it as {first[1]}; convert the images "
+                                        "to one bit depth (or --skip-bad to skip such files)")
         if isinstance(result, BadInput):
             if not cfg.skip_bad:
                 raise result
@@ -197,7 +224,7 @@ def _run(jobs, cfg: ShardConfig, salt: str, workers: int) -> Iterator[tuple[Path
         for arg in tqdm(args, **bar):
             yield arg[0][0], _process(arg)
         return
-    with Pool(min(workers, len(jobs))) as pool:
+    with Pool(min(workers, len(jobs)), initializer=default_sigterm) as pool:
         results = pool.imap(_process, args, chunksize=4)
         for arg, result in tqdm(zip(args, results), **bar):
             yield arg[0][0], result
@@ -348,7 +375,7 @@ def _write_json(path: Path, data: dict) -> None:
 def _replace(tmp: Path, out: Path) -> None:
     """Move the finished folder into place; an existing output is replaced only after success."""
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = temp_sibling(out, "old")
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old)

@@ -4,13 +4,22 @@
 barrier rank 0 writes ``cmunet.json`` (the client state and a fingerprint of what must match to
 resume) into it with a temporary name and a rename. A folder without that marker is an
 interrupted save and is never resumed from. Only the newest ``keep`` complete checkpoints stay.
+
+Nothing is unpickled on resume (:func:`load_checkpoint`): every ``.pt`` of the checkpoint is
+checked before DeepSpeed reads it, and DeepSpeed's loader is replaced by ``torch.load`` with
+``weights_only=True``, allowing only the three plain-data classes DeepSpeed's ZeRO 1/2 optimizer
+state holds. A file that needs anything else (a planted pickle payload, another program's
+checkpoint) is refused with :class:`UnsafeCheckpoint`, and nothing of it runs.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
+
+import torch
 
 from cmunet.training.distributed import barrier
 
@@ -82,3 +91,58 @@ def _prune(folder: Path, keep: int) -> None:
         interrupted = not (path / MARKER).is_file() and step < newest
         if complete_but_old or interrupted:
             shutil.rmtree(path, ignore_errors=True)
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds more than tensors and plain data; it is not loaded."""
+
+
+def _allowed_globals() -> list:
+    # plain-data classes in DeepSpeed's ZeRO 1/2 optimizer state (an enum, a loss-scale record
+    # of floats, a (start, numel) record); no code runs when they are rebuilt
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _refuse(path: Path, why: str) -> UnsafeCheckpoint:
+    return UnsafeCheckpoint(
+        f"{path} {why}; refusing to load it (a checkpoint that is not only tensors and plain "
+        f"data can run code when loaded). If you did not write it, someone else can write to "
+        f"{path.parent.parent}: move {path.parent} away and relaunch")
+
+
+def safe_load(path: str | Path, map_location=None):
+    """``torch.load`` of tensors and plain data only (UnsafeCheckpoint otherwise)."""
+    path = Path(path)
+    with torch.serialization.safe_globals(_allowed_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            lines = [line.strip() for line in str(err).splitlines() if "Unsupported" in line]
+            raise _refuse(path, lines[0].split(" was not")[0] if lines else
+                          "is not a weights-only file") from None
+
+
+def check_files(tag_dir: Path) -> None:
+    """Refuse the checkpoint folder if any of its ``.pt`` files needs a global outside the
+    allowed ones (read from the pickle's opcodes; nothing is executed)."""
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _allowed_globals()}
+    for path in sorted(tag_dir.rglob("*.pt")):
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
+        except Exception as err:  # not a zip checkpoint, truncated, ...: never handed on
+            raise _refuse(path, f"cannot be checked ({type(err).__name__}: {err})") from None
+        if unsafe:
+            raise _refuse(path, f"needs {', '.join(sorted(unsafe))}")
+
+
+def load_checkpoint(engine, folder: Path, tag: str) -> dict:
+    """Resume ``engine`` from ``folder/tag`` without unpickling; returns DeepSpeed's client
+    state."""
+    check_files(folder / tag)
+    engine.checkpoint_engine.load = safe_load  # every file DeepSpeed reads goes through it
+    _, client_state = engine.load_checkpoint(str(folder), tag=tag)
+    return client_state or {}

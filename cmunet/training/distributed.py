@@ -92,8 +92,11 @@ def init_distributed(timeout_s: float = 3600) -> DistInfo:
         set_cpu_threads()
         _skip_inference_allreduce_op()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   timeout=timedelta(seconds=timeout_s))
+        from cmunet.training.rendezvous import init_process_group  # listeners on MASTER_ADDR only
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        init_process_group(backend, timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                     int(os.environ["LOCAL_RANK"]), device)
 

@@ -7,6 +7,11 @@ every rank (``train.steps_per_epoch`` sets another length). Randomness of
 the views and masks comes from a generator seeded by (seed, step, micro-step, rank), and the data
 stream is seeded by (seed, epoch, rank, worker): a resumed run continues exactly where the
 checkpoint left it.
+
+SIGTERM or SIGINT (preemption, ``scancel``, Ctrl-C) stops the job after the current optimizer
+step: every rank writes the checkpoint of that step, rank 0 writes ``OUT/preempted.json``, and
+:class:`~cmunet.preempt.Preempted` is raised (``launch/pretrain.py`` exits with 75). On resume,
+``log.csv`` and the MLflow run continue from the resumed step: nothing is logged twice.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from cmunet.data.stream import ShardStream, load_manifest, make_loader
 from cmunet.methods import build_method
 from cmunet.models.export import save_export
 from cmunet.models.unet import count_parameters
+from cmunet.outdir import check_out
+from cmunet.preempt import Preempted, StopRequest
 from cmunet.tracking.mlflow_run import Tracker
 from cmunet.training import checkpoint as ckpt
 from cmunet.training.distributed import (DistInfo, barrier, decided_by_main, init_distributed,
@@ -36,13 +43,22 @@ from cmunet.training.pretrain_config import PretrainConfig
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
-    """Run (or resume) pre-training; returns the export folder."""
+    """Run (or resume) pre-training; returns the export folder. Raises Preempted after the
+    checkpoint of a SIGTERM / SIGINT."""
+    check_out(cfg.out, {"data.shards": cfg.data.shards,
+                        **{f"data.extra_shards[{i}]": f for i, f in enumerate(cfg.data.extra_shards)}})
+    stop = StopRequest()
     info = init_distributed(cfg.train.collective_timeout_s)
     try:
-        export = _Run(cfg, info).train()
+        export = _Run(cfg, info, stop).train()
+    except Preempted:
+        shutdown()  # every rank stopped at the same step
+        raise
     except BaseException:
         shutdown(wait=False)
         raise
+    finally:
+        stop.close()
     shutdown(wait=False)  # the ranks met in _finish; rank 0 publishes after that, alone
     return export
 
@@ -52,7 +68,7 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 
 class _Run:
-    def __init__(self, cfg: PretrainConfig, info: DistInfo):
+    def __init__(self, cfg: PretrainConfig, info: DistInfo, stop: StopRequest | None = None):
         import deepspeed
 
         self.cfg, self.info, t = cfg, info, cfg.train
@@ -102,8 +118,14 @@ class _Run:
         self.fingerprint = ckpt.fingerprint(cfg, world)
         self.ckpt_dir = self.out / "checkpoints"
         self._resume()
+        self.stop = stop or StopRequest()
+        self.logged_upto = 0  # steps the resumed MLflow run already holds
         if info.is_main:
             save_config(cfg, self.out / "config.yaml")
+            (self.out / PREEMPTED_FILE).unlink(missing_ok=True)
+            self.logged_upto = _trim_csv(self.out / "log.csv", self.state["step"])
+            if not self.state["run_id"]:
+                self.logged_upto = 0
         resolved = {"resolved.lr": self.lr, "resolved.global_batch": self.global_batch,
                     "resolved.steps_per_epoch": self.steps_per_epoch,
                     "resolved.world_size": world, "resolved.bf16": self.bf16,
@@ -126,7 +148,7 @@ class _Run:
         if found is None:
             return
         tag, client_state = found
-        _, loaded = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        loaded = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
         loaded = loaded or client_state  # DeepSpeed returns its own keys too: keep ours
         self.state.update({key: loaded[key] for key in self.state})
         self.log(f"resuming from {self.ckpt_dir / tag}: epoch {self.state['epoch']}, "
@@ -179,9 +201,23 @@ class _Run:
         last = state["step"] == self.total_steps
         if state["step"] % t.log_every == 0 or last:
             self._log(extra, bar)
-        if state["step"] % t.checkpoint_every == 0 or last:
+        saved = state["step"] % t.checkpoint_every == 0 or last
+        if saved:
             ckpt.save_checkpoint(self.engine, self.ckpt_dir, dict(state), self.fingerprint,
                                  t.keep_checkpoints, self.info.is_main)
+        # ranks agree on a stop request through a small all-reduce: at log points and
+        # checkpoints only (SLURM's grace time is minutes), so the step itself never syncs
+        asked = saved or state["step"] % t.log_every == 0 or self.info.world_size == 1
+        signum = self.stop.agreed(self.info.device) if asked else 0
+        if signum and not last:
+            if not saved:
+                ckpt.save_checkpoint(self.engine, self.ckpt_dir, dict(state), self.fingerprint,
+                                     t.keep_checkpoints, self.info.is_main)
+            if self.info.is_main:
+                self.tracker.close("KILLED")
+                (self.out / PREEMPTED_FILE).write_text(
+                    f'{{"step": {state["step"]}, "signal": {signum}}}\n')
+            raise Preempted(state["step"], signum)
 
     def _log(self, extra: dict, bar) -> None:
         means, images_per_s = self.window.flush()
@@ -194,7 +230,8 @@ class _Run:
                    "epoch": self.state["step"] / self.steps_per_epoch}
         bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
         if self.info.is_main:
-            self.tracker.log_metrics(metrics, step=self.state["step"])
+            if self.state["step"] > self.logged_upto:  # a resumed run redoes logged steps
+                self.tracker.log_metrics(metrics, step=self.state["step"])
             _append_csv(self.out / "log.csv", {"step": self.state["step"], **metrics})
 
     def _epoch_end(self, epoch: int, first: torch.Tensor | None) -> None:
@@ -284,6 +321,28 @@ class _Window:
         self.sums, self.count, self.images, self.start = {}, 0, 0, time.perf_counter()
         self.last = means
         return means, rate
+
+
+PREEMPTED_FILE = "preempted.json"  # written when a signal stopped the job (SLURM requeue scripts)
+
+
+def _trim_csv(path: Path, step: int) -> int:
+    """Drop the rows of ``log.csv`` after ``step`` (they are redone from the checkpoint); returns
+    the highest step it held (0 without a file)."""
+    if not path.is_file():
+        return 0
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows, fields = list(reader), reader.fieldnames or []
+    keep = [row for row in rows if int(row["step"]) <= step]
+    if len(keep) < len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(keep)
+        tmp.replace(path)
+    return max((int(row["step"]) for row in rows), default=0)
 
 
 def _append_csv(path: Path, row: dict) -> None:

@@ -87,6 +87,9 @@ class PretrainTrain:
         check(self.micro_batch >= 2, "micro_batch", "must be >= 2 (batch norm, negatives)")
         check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         check(self.global_batch >= 0, "global_batch", "must be >= 0 (0 = not stated)")
+        check(0 < self.base_lr < float("inf"), "base_lr",
+              "must be a positive number (the paper: 1.5e-4)")
+        check(0 <= self.min_lr <= self.base_lr, "min_lr", "must be in [0, base_lr]")
         check(self.zero_stage in (0, 1, 2), "zero_stage", "must be 0, 1 or 2")
         check(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")

@@ -49,6 +49,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cmunet.config import check, flatten, save_config
+from cmunet.outdir import check_out
+from cmunet.preempt import Interrupted
 from cmunet.data.augment import AugmentConfig
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.tracking.mlflow_run import Tracker, TrackingConfig, resolve_uri
@@ -284,19 +286,58 @@ class TrialLog(tune.Callback):
 @contextmanager
 def ray_session(search: SearchConfig) -> Iterator[None]:
     """Ray for the search: a cluster (``search.address``) or a local instance started here and
-    shut down afterwards; an instance already running in this process is used as it is."""
+    shut down afterwards; an instance already running in this process is used as it is.
+
+    The local instance requires a token (Ray's token authentication): a random one made for this
+    session and kept in this process's environment (its workers inherit it), never written to a
+    file, unless RAY_AUTH_MODE / RAY_AUTH_TOKEN are set. Ray 2.x's servers listen on every
+    interface; the token is what keeps others out (docs/multinode.md)."""
     if ray.is_initialized():
         yield
         return
-    if search.address:
-        ray.init(address=search.address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=search.num_cpus or None, include_dashboard=False,
-                 _temp_dir=str(Path(search.temp_dir).resolve()), logging_level=logging.WARNING)
+    with ray_token(local=not search.address):
+        if search.address:
+            ray.init(address=search.address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=search.num_cpus or None, include_dashboard=False,
+                     _temp_dir=str(Path(search.temp_dir).resolve()),
+                     logging_level=logging.WARNING)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextmanager
+def ray_token(local: bool = True) -> Iterator[None]:
+    """For a ``local`` Ray: RAY_AUTH_MODE=token with a random RAY_AUTH_TOKEN (unless the user set
+    them) for the session, the workers it starts included; restored afterwards."""
+    import os
+    import secrets
+
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if not local:
+        yield
+        return
+    names = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+    saved = {name: os.environ.get(name) for name in names}
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        raise ValueError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: the local Ray of the "
+                         "search runs only with token authentication; unset RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    Config.initialize("")  # Ray caches its settings and token: read them again
+    AuthenticationTokenLoader.instance().reset_cache()
     try:
         yield
     finally:
-        ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def param_space(search: SearchConfig) -> dict:
@@ -325,8 +366,14 @@ def search(cfg: TuneConfig, settings: FinetuneConfig, folds: Folds,
     function = tune.with_parameters(trainable, settings=settings, folds=folds,
                                     initial_state=initial_state, every_epoch=s.asha,
                                     threads=max(1, int(s.cpus_per_trial)))
+    function = tune.with_resources(function, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+    path = f"{(s.storage or str(Path(cfg.out) / 'ray')).rstrip('/')}/search"
+    if tune.Tuner.can_restore(path):  # a relaunch: finished trials are kept, the rest resumed
+        tuner = tune.Tuner.restore(path, function, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space(s))
+        return trials_table(_fit(tuner, path), len(folds))
     tuner = tune.Tuner(
-        tune.with_resources(function, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}),
+        function,
         param_space=param_space(s),
         tune_config=tune.TuneConfig(
             metric="cv_dice", mode="max", scheduler=scheduler,
@@ -338,7 +385,41 @@ def search(cfg: TuneConfig, settings: FinetuneConfig, folds: Folds,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             callbacks=[TrialLog(cfg.tracking, parent_run_id, len(folds))] if parent_run_id else [],
             verbose=s.verbose))
-    return trials_table(tuner.fit(), len(folds))
+    return trials_table(_fit(tuner, path), len(folds))
+
+
+def _fit(tuner: tune.Tuner, path: str) -> ResultGrid:
+    """``tuner.fit()``; SIGTERM and SIGINT stop it as Tune stops on SIGUSR1: trials are stopped,
+    the experiment state saved and :class:`Interrupted` raised (relaunch to continue)."""
+    import os
+    import signal
+    import threading
+
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()
+
+    def handler(signum, frame):
+        if received:  # a second signal: stop now
+            raise KeyboardInterrupt
+        received.append(signum)
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own graceful stop
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    disabled = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # SIGINT stays ours during fit
+    try:
+        results = tuner.fit()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if disabled is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER")
+    if received:
+        raise Interrupted(f"search stopped by {signal.Signals(received[0]).name}; its state is "
+                          f"in {path}: relaunch the same command (same out=) to continue, "
+                          "finished trials are not run again")
+    return results
 
 
 def trials_table(results: ResultGrid, folds: int) -> list[dict]:
@@ -401,6 +482,8 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print,
     if not cfg.data.shards:
         raise ValueError("data.shards is not set: give the folder written by tools/shard.py")
     cfg = absolute(cfg)
+    check_out(cfg.out, {"data.shards": cfg.data.shards,
+                        "init": None if cfg.init == "none" or is_mlflow_uri(cfg.init) else cfg.init})
     model, report = build_model(finetune_settings(cfg))
     cfg = replace(cfg, model_width=model.width)  # the resolved config names the width used
     log(f"init: {cfg.init}, width {model.width} "
@@ -420,7 +503,12 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print,
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     write_folds(folds, patient_of, out / "folds.json")
-    parent = Tracker(cfg.tracking, run_name=out.name, params=flatten(cfg), tags={"job": "tune"})
+    parent_file = out / "parent_run_id"  # a relaunch continues the search's MLflow run
+    parent_id = parent_file.read_text().strip() if parent_file.is_file() else None
+    parent = Tracker(cfg.tracking, run_name=out.name, params=None if parent_id else flatten(cfg),
+                     tags={"job": "tune"}, run_id=parent_id)
+    if parent.run_id:
+        parent_file.write_text(parent.run_id + "\n")
     for name in ("config.yaml", "folds.json"):
         parent.log_artifact(out / name)
     try:
@@ -448,6 +536,9 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print,
         (out / "result.json").write_text(json.dumps(summary, indent=1) + "\n")
         parent.log_artifact(out / "result.json")
         parent.log_artifact(out / "test", "test")
+    except Interrupted:
+        parent.close("KILLED")
+        raise
     except BaseException:
         parent.close("FAILED")
         raise

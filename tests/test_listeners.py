@@ -1,0 +1,85 @@
+"""Every listener the toolkit opens is bound to 127.0.0.1 on one machine; the local Ray of the
+search requires a token (Ray 2.x's own servers listen on every interface: the token is the lock)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import psutil
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+RANK = """
+import psutil, torch
+from cmunet.training.distributed import init_distributed, shutdown
+info = init_distributed()
+value = torch.ones(1)
+torch.distributed.all_reduce(value)
+listening = {c.laddr.ip for c in psutil.Process().net_connections("inet") if c.status == "LISTEN"}
+print(info.rank, int(value.item()), sorted(listening), flush=True)
+shutdown()
+"""
+
+
+def test_two_ranks_listen_on_loopback_only():
+    from cmunet.training.distributed import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK], env={**env, "RANK": str(r),
+                              "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    lines = [p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0]
+    assert lines == ["0 2 ['127.0.0.1']", "1 2 ['127.0.0.1']"]  # store (rank 0) and gloo
+
+
+CLIENT = """
+import ray
+try:
+    ray.init(address="{address}", logging_level="ERROR")
+    print("connected")
+except Exception as err:
+    print("refused:", type(err).__name__)
+"""
+
+
+def test_the_local_ray_requires_a_token(tmp_path, monkeypatch):
+    import ray
+
+    from cmunet.training.tune import SearchConfig, ray_session
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no token file of the user is used or written
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
+    with ray_session(SearchConfig(num_cpus=1, temp_dir=temp)):
+        address = ray.get_runtime_context().gcs_address
+        token = os.environ["RAY_AUTH_TOKEN"]
+        assert os.environ["RAY_AUTH_MODE"] == "token" and len(token) == 64
+        me = psutil.Process()
+        ray_pids = {p.pid for p in me.children(recursive=True)}
+        listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                     if c.status == "LISTEN" and c.pid in ray_pids}
+        assert listening  # the GCS, raylet and workers: reachable only with the token
+        answers = {}
+        for name, extra in {"no token": {}, "wrong token": {"RAY_AUTH_TOKEN": "0" * 64},
+                            "the token": {"RAY_AUTH_TOKEN": token}}.items():
+            env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+            env.update({"RAY_AUTH_MODE": "token", "HOME": str(tmp_path / "other"), **extra})
+            out = subprocess.run([sys.executable, "-c", CLIENT.format(address=address)], env=env,
+                                 capture_output=True, text=True, timeout=120).stdout
+            answers[name] = out.strip().splitlines()[-1] if out.strip() else "nothing"
+    assert answers["the token"] == "connected", answers
+    assert answers["no token"].startswith("refused") and answers["wrong token"].startswith(
+        "refused"), answers
+    assert not (tmp_path / ".ray").exists() and "RAY_AUTH_TOKEN" not in os.environ
+    shutil.rmtree(temp, ignore_errors=True)
