@@ -27,7 +27,7 @@ from cmunet.methods.spark import masked_batch_norm, sparse_encode
 from cmunet.models.export import load_into
 from cmunet.models.unet import UNet
 from cmunet.training.distributed import free_port
-from cmunet.training.optim import make_optimizer
+from cmunet.training.optim import make_optimizer, param_groups
 from cmunet.training.pretrain_config import METHOD_NAMES, PretrainConfig
 from conftest import ROOT, load_tool
 
@@ -225,6 +225,15 @@ def test_spark_loss_by_hand_and_exports_only_the_unet():
     loss, _ = module(batch(), gen(3))
     assert loss.item() == pytest.approx(255 / 256, rel=1e-4)  # see test_mae_loss_by_hand
     assert {k.split(".")[0] for k in module.export_state()} == {"encoder", "decoder"}
+
+
+def test_spark_mask_tokens_get_no_weight_decay():
+    module = tiny("spark")
+    decay, no_decay = param_groups(module, 0.05)
+    tokens = {id(p) for p in module.mask_tokens}
+    assert len(tokens) == 5 and tokens <= {id(p) for p in no_decay["params"]}
+    assert not tokens & {id(p) for p in decay["params"]}
+    assert any(p is module.densify_projs[0].weight for p in decay["params"])  # convs still decay
 
 
 # ---- Models Genesis -------------------------------------------------------------------------

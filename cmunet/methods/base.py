@@ -18,6 +18,7 @@ from torch import nn
 class PretrainMethod(nn.Module):
     name = "base"
     parts = {"encoder": "encoder", "decoder": "decoder"}  # UNet part -> attribute exported
+    no_weight_decay: tuple[str, ...] = ()  # parameter-name prefixes kept out of weight decay
 
     def forward(self, images: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
