@@ -326,7 +326,7 @@ def test_moco_queue_is_fifo_and_excludes_the_current_batch():
         g = gen(step)  # the same draws again: the step's views, query and keys
         query_view, key_view = module.view(images, g), module.view(images, g)
         with torch.no_grad():
-            q = module.embed(module.encoder, module.projector, query_view)
+            q = module.queries(query_view)
             k = module.keys(key_view, g)
         assert loss.item() == pytest.approx(moco_loss(q, k, queue_before, 0.2).item(), rel=1e-5)
         slots = [(ptr + i) % 12 for i in range(4)]
@@ -334,6 +334,37 @@ def test_moco_queue_is_fifo_and_excludes_the_current_batch():
         others = [i for i in range(12) if i not in slots]
         assert torch.equal(module.queue[others], queue_before[others])  # ... nothing else
         assert int(module.queue_ptr) == (ptr + 4) % 12
+
+
+def test_moco_one_rank_encodes_in_shuffled_bn_sub_batches():
+    module = tiny("moco")  # moco.bn_splits 2 by default
+    x = batch(8, SIZE)
+    seen = {"key": [], "query": []}
+    module.momentum_encoder.register_forward_pre_hook(lambda m, a: seen["key"].append(a[0]))
+    module.encoder.register_forward_pre_hook(lambda m, a: seen["query"].append(a[0]))
+    with torch.no_grad():
+        keys = module.keys(x, gen(0))
+        queries = module.queries(x)
+    key_parts, query_parts = list(seen["key"]), list(seen["query"])
+    assert [len(part) for part in key_parts] == [4, 4]  # two BN batches ...
+    order = [next(i for i in range(8) if torch.equal(image, x[i]))
+             for image in torch.cat(key_parts)]
+    assert sorted(order) == list(range(8)) and set(order[:4]) != {0, 1, 2, 3}  # ... shuffled
+    with torch.no_grad():  # each sub-batch is its own BN batch, and key i is image i's
+        parts = torch.cat([module.embed(module.momentum_encoder, module.momentum_projector, p)
+                           for p in key_parts])
+        whole = module.embed(module.momentum_encoder, module.momentum_projector, x)
+    torch.testing.assert_close(keys[order], parts)
+    assert not torch.allclose(keys, whole, atol=1e-4)  # not one batch (train-mode BN)
+    assert [len(p) for p in query_parts] == [4, 4]  # queries: contiguous sub-batches
+    torch.testing.assert_close(torch.cat(query_parts), x)
+    torch.testing.assert_close(queries[:4], module.queries(x[:4].repeat(2, 1, 1, 1))[:4])
+    module.eval()  # batch-independent BN: keys come back in the images' order
+    with torch.no_grad():
+        torch.testing.assert_close(module.keys(x, gen(1)), module.embed(
+            module.momentum_encoder, module.momentum_projector, x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="bn_splits"):
+        tiny("moco", "moco.bn_splits=3").keys(x[:5], gen())
 
 
 def test_moco_key_encoder_moves_by_its_momentum():
