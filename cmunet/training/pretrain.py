@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cmunet.config import dump_config, flatten, save_config
+from cmunet.data.overlap import refuse_test_overlap
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import ShardStream, load_manifest, make_loader
 from cmunet.methods import build_method
@@ -59,7 +60,12 @@ class _Run:
         torch.manual_seed(cfg.seed)
         self.manifest = load_manifest(cfg.data.shards)
         splits = load_splits(Path(cfg.data.shards) / "splits.json")
-        self.keys = pool_keys(splits, cfg.data.pool, cfg.data.ratio)
+        self.keys = [] if cfg.data.pool == "none" else pool_keys(splits, cfg.data.pool,
+                                                                 cfg.data.ratio)
+        refuse_test_overlap(cfg.data.shards, cfg.data.extra_shards)
+        # (folder, keys or None = all) read by the stream: the pool, then the extra folders
+        self.sources = ([] if cfg.data.pool == "none" else [(cfg.data.shards, self.keys)]) + [
+            (folder, None) for folder in cfg.data.extra_shards]
         extra = sum(load_manifest(folder)["count"] for folder in cfg.data.extra_shards)
         self.pool_size = len(self.keys) + extra
         world = info.world_size
@@ -107,6 +113,8 @@ class _Run:
                  f"{t.micro_batch} x {t.grad_accum} x {world} = {self.global_batch} -> lr "
                  f"{t.base_lr:g} x {self.global_batch}/256 = {self.lr:.3g} | {self.steps_per_epoch}"
                  f" steps/epoch, {self.total_steps} steps")
+        for warning in cfg.warnings():
+            self.log(f"warning: {warning}")
 
     def _resume(self) -> None:
         found = ckpt.find_resumable(self.ckpt_dir, self.fingerprint) \
@@ -125,8 +133,8 @@ class _Run:
         from tqdm import tqdm
 
         cfg, t, state = self.cfg, self.cfg.train, self.state
-        stream = ShardStream(cfg.data.shards, self.keys, t.micro_batch, seed=cfg.seed,
-                             extra=[(folder, None) for folder in cfg.data.extra_shards],
+        stream = ShardStream(*self.sources[0], t.micro_batch, seed=cfg.seed,
+                             extra=self.sources[1:],
                              shuffle_buffer=cfg.data.shuffle_buffer,
                              rank=self.info.rank, world_size=self.info.world_size)
         loader = make_loader(stream, cfg.data.num_workers, self.steps_per_epoch * t.grad_accum,
