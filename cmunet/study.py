@@ -2,7 +2,9 @@
 
 For every arm (a method, or a named variant of one) and seed, pre-training runs once on the
 split's pre-training pool (``launch/pretrain.py`` in a subprocess, so a multi-rank launcher can be
-used); for every label budget the cross-validated search (:func:`cmunet.training.tune.run_tune`)
+used) -- or on other folders (``data.pretrain_shards``), never on a test image; a budget given as
+another PT-FT ratio pre-trains on that ratio's own pool, disjoint from its labels; for every label
+budget the cross-validated search (:func:`cmunet.training.tune.run_tune`)
 fine-tunes from that export on the budget's images, retrains the winner on all of them and
 evaluates it once on the test split. Cells whose test metrics exist are skipped, and pre-training
 resumes from its checkpoints, so an interrupted study continues where it stopped. Everything is
@@ -30,11 +32,13 @@ from typing import Literal
 import numpy as np
 
 from cmunet.config import check, load_config, save_config
+from cmunet.data.overlap import refuse_test_overlap
 from cmunet.data.splits import load_splits, parse_ratio, pool_keys
 from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
 from cmunet.training.launcher import ROOT, job_overrides, pretrain_command, run_logged
 
 METRICS = ("dice", "cldice", "iou", "hd", "add")
+UNDEFINED = ("hd", "add")  # undefined (None) for an empty prediction: counted, never averaged
 
 
 @dataclass
@@ -54,6 +58,9 @@ class Arm:
 class StudyData:
     shards: str = ""  # "" = synthetic angiograms made in OUT/data (synthetic_* keys)
     ratio: str = "50-30"  # the split: its pre-training pool and its fine-tuning pool (budgets)
+    # pre-train on every image of these shard folders instead of the split's pre-training pool
+    # (an archive from elsewhere); a folder holding a test image of `shards` is refused
+    pretrain_shards: list[str] = field(default_factory=list)
     synthetic_count: int = 96
     synthetic_size: int = 64
 
@@ -153,6 +160,34 @@ def budget_keys(splits: dict, ratio: str, budget: str, patient_of: dict[str, str
     return sorted(chosen)
 
 
+def pretrain_ratio(cfg: StudyConfig, budget: str) -> str:
+    """The PT-FT ratio whose pre-training pool a cell pre-trains on: a ratio budget's own (the
+    pools of one ratio are disjoint; ``data.ratio``'s pre-training pool holds most of a larger
+    ratio's labels), else ``data.ratio``. With ``data.pretrain_shards`` no pool is used."""
+    if budget == "all" or budget.isdigit() or cfg.data.pretrain_shards:
+        return cfg.data.ratio
+    return budget
+
+
+def pretrain_name(cfg: StudyConfig, cell: Cell) -> tuple[str, str]:
+    """(folder name, MLflow run name) of the cell's own pre-training (``share`` not resolved):
+    ``<arm>-s<seed>``, or ``<arm>-r<ratio>-s<seed>`` for another ratio's pool."""
+    seed = cfg.seeds[0] if cfg.pretrain_once else cell.seed
+    ratio = pretrain_ratio(cfg, cell.budget)
+    if ratio == cfg.data.ratio:
+        return f"{cell.arm}-s{seed}", f"pretrain {cell.arm} seed {seed}"
+    return f"{cell.arm}-r{ratio}-s{seed}", f"pretrain {cell.arm} ratio {ratio} seed {seed}"
+
+
+def pretrain_data(cfg: StudyConfig) -> list[str]:
+    """Pre-training overrides for ``data.pretrain_shards``: those folders only (``data.shards``
+    still names the test split they are checked against)."""
+    if not cfg.data.pretrain_shards:
+        return []
+    folders = ", ".join(str(Path(f).resolve()) for f in cfg.data.pretrain_shards)
+    return ["data.pool=none", f"data.extra_shards=[{folders}]"]
+
+
 # ---- running -------------------------------------------------------------------------------
 
 def run_study(cfg: StudyConfig, log=print) -> Path:
@@ -166,6 +201,7 @@ def run_study(cfg: StudyConfig, log=print) -> Path:
     save_config(cfg, out / "study.yaml")
     if cfg.report_only:
         return report(cfg, out)
+    refuse_test_overlap(cfg.data.shards, cfg.data.pretrain_shards)  # before any cell starts
     todo = cells(cfg)
     for number, cell in enumerate(todo, start=1):
         done = out / "cells" / cell.name / "test" / "metrics.json"
@@ -199,7 +235,7 @@ def pretrain(cfg: StudyConfig, cell: Cell, out: Path, log) -> str:
         shared = replace(cell, arm=arm.share)
         if not arm.export:
             return pretrain(cfg, shared, out, log)
-        export = pretrain_folder(cfg, shared, out) / "exports" / arm.export
+        export = out / "pretrain" / pretrain_name(cfg, shared)[0] / "exports" / arm.export
         if not (export / "model.safetensors").exists():
             pretrain(cfg, shared, out, log)
         if not (export / "model.safetensors").exists():
@@ -209,23 +245,19 @@ def pretrain(cfg: StudyConfig, cell: Cell, out: Path, log) -> str:
     if arm.method == "none":
         return "none"
     seed = cfg.seeds[0] if cfg.pretrain_once else cell.seed
-    folder = pretrain_folder(cfg, cell, out)
+    name, run_name = pretrain_name(cfg, cell)
+    folder = out / "pretrain" / name
     export = folder / "export"
     if (export / "model.safetensors").exists():
         return str(export)
     config = ROOT / cfg.pretrain_config.format(method=arm.method)
     command = pretrain_command(cfg.pretrain_launcher, config, [
-        *job_overrides(cfg.data.shards, cfg.data.ratio, folder, cfg.tracking,
-                       f"pretrain {cell.arm} seed {seed}"),
-        f"seed={seed}", *cfg.pretrain_overrides, *arm.pretrain])
+        *job_overrides(cfg.data.shards, pretrain_ratio(cfg, cell.budget), folder, cfg.tracking,
+                       run_name),
+        f"seed={seed}", *pretrain_data(cfg), *cfg.pretrain_overrides, *arm.pretrain])
     log(f"  pre-training: {shlex.join(command)}")
-    run_logged(command, folder / "stdout.log", f"pre-training of {cell.arm} seed {seed}")
+    run_logged(command, folder / "stdout.log", f"pre-training {name}")
     return str(export)
-
-
-def pretrain_folder(cfg: StudyConfig, cell: Cell, out: Path) -> Path:
-    seed = cfg.seeds[0] if cfg.pretrain_once else cell.seed
-    return out / "pretrain" / f"{cell.arm}-s{seed}"
 
 
 def finetune(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> dict:
@@ -271,6 +303,9 @@ def collect(cfg: StudyConfig, out: Path) -> list[dict]:
                "epochs": result["epochs"], "params_m": _params(cfg, out, cell)}
         for name in METRICS:
             row[name] = (metrics.get(name) or {}).get("mean")
+        row["n_test"] = metrics.get("n_images")
+        for name in UNDEFINED:  # test images without a value: a model outputting nothing is seen
+            row[f"{name}_undefined"] = (metrics.get(name) or {}).get("n_undefined")
         row["tune_run_id"] = result.get("parent_run_id")
         rows.append(row)
     return rows
@@ -285,8 +320,7 @@ def _params(cfg: StudyConfig, out: Path, cell: Cell) -> float:
     arm = arm_of(cfg, cell.arm)
     if arm.share:
         return _params(cfg, out, replace(cell, arm=arm.share))
-    seed = cfg.seeds[0] if cfg.pretrain_once else cell.seed
-    config = out / "pretrain" / f"{cell.arm}-s{seed}" / "config.yaml"
+    config = out / "pretrain" / pretrain_name(cfg, cell)[0] / "config.yaml"
     if arm.method == "none" or not config.exists():
         tune_cfg = json.loads((out / "cells" / cell.name / "model" / "result.json").read_text())
         return count_parameters(UNet(tune_cfg["width"])) / 1e6
@@ -315,6 +349,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {std:.3f}"
 
 
+def _with_undefined(rows: list[dict], name: str) -> str:
+    """Mean ± std of ``name`` and its undefined images over the rows' test images, "(k/N)"."""
+    undefined = sum(r.get(f"{name}_undefined") or 0 for r in rows)
+    total = sum(r.get("n_test") or 0 for r in rows)
+    return f"{_mean_std([r[name] for r in rows])} ({undefined}/{total})"
+
+
 def _paired_gain(rows: list[dict], arm: str, budget: str, reference: str) -> str:
     """Mean Dice gain over the reference arm on the same seeds, with a 95% t interval."""
     from scipy import stats
@@ -334,20 +375,25 @@ def _paired_gain(rows: list[dict], arm: str, budget: str, reference: str) -> str
 def table(cfg: StudyConfig, rows: list[dict]) -> str:
     """Table-I-style markdown: per budget, one line per arm, mean ± std over seeds."""
     reference = cfg.reference or cfg.arms[0]
-    lines = [f"# Study results ({cfg.data.shards}, split {cfg.data.ratio})", "",
+    source = (f"; pre-trained on {', '.join(cfg.data.pretrain_shards)}"
+              if cfg.data.pretrain_shards else "")
+    lines = [f"# Study results ({cfg.data.shards}, split {cfg.data.ratio}{source})", "",
              f"Mean ± std over seeds; HD = modified Hausdorff (px); ADD = artery diameter "
              f"difference (px); gain = paired Dice difference to `{reference}` with a 95% "
-             "t interval over seeds.", ""]
+             "t interval over seeds. HD and ADD are undefined for an image whose prediction is "
+             "empty and left out of their means: (k/N) counts such images among the seeds' N "
+             "test images.", ""]
     budgets = list(dict.fromkeys(r["budget"] for r in rows))
     for budget in budgets:
         here = [r for r in rows if r["budget"] == budget]
         labels = sorted({r["n_labels"] for r in here})
         lines += [f"## budget {budget} ({'/'.join(map(str, labels))} labelled images)", "",
-                  "| arm | params (M) | Dice | clDice | IoU | HD | ADD | gain vs "
+                  "| arm | params (M) | Dice | clDice | IoU | HD (undef.) | ADD (undef.) | gain vs "
                   f"{reference} | seeds |", "|---|---|---|---|---|---|---|---|---|"]
         for arm in dict.fromkeys(r["arm"] for r in here):
             mine = [r for r in here if r["arm"] == arm]
-            cells_ = [_mean_std([r[m] for r in mine]) for m in METRICS]
+            cells_ = [_with_undefined(mine, m) if m in UNDEFINED else
+                      _mean_std([r[m] for r in mine]) for m in METRICS]
             lines.append(f"| {arm} | {mine[0]['params_m']:.2f} | {' | '.join(cells_)} | "
                          f"{_paired_gain(rows, arm, budget, reference)} | {len(mine)} |")
         lines.append("")

@@ -27,7 +27,7 @@ from cmunet.methods.spark import masked_batch_norm, sparse_encode
 from cmunet.models.export import load_into
 from cmunet.models.unet import UNet
 from cmunet.training.distributed import free_port
-from cmunet.training.optim import make_optimizer
+from cmunet.training.optim import make_optimizer, param_groups
 from cmunet.training.pretrain_config import METHOD_NAMES, PretrainConfig
 from conftest import ROOT, load_tool
 
@@ -227,6 +227,15 @@ def test_spark_loss_by_hand_and_exports_only_the_unet():
     assert {k.split(".")[0] for k in module.export_state()} == {"encoder", "decoder"}
 
 
+def test_spark_mask_tokens_get_no_weight_decay():
+    module = tiny("spark")
+    decay, no_decay = param_groups(module, 0.05)
+    tokens = {id(p) for p in module.mask_tokens}
+    assert len(tokens) == 5 and tokens <= {id(p) for p in no_decay["params"]}
+    assert not tokens & {id(p) for p in decay["params"]}
+    assert any(p is module.densify_projs[0].weight for p in decay["params"])  # convs still decay
+
+
 # ---- Models Genesis -------------------------------------------------------------------------
 
 def test_genesis_transforms_the_input_only_and_flips_both():
@@ -317,7 +326,7 @@ def test_moco_queue_is_fifo_and_excludes_the_current_batch():
         g = gen(step)  # the same draws again: the step's views, query and keys
         query_view, key_view = module.view(images, g), module.view(images, g)
         with torch.no_grad():
-            q = module.embed(module.encoder, module.projector, query_view)
+            q = module.queries(query_view)
             k, everyone = module.keys(key_view, g)
         assert torch.equal(k, everyone)  # one rank: the global batch is this one
         assert loss.item() == pytest.approx(moco_loss(q, k, queue_before, 0.2).item(), rel=1e-5)
@@ -326,6 +335,37 @@ def test_moco_queue_is_fifo_and_excludes_the_current_batch():
         others = [i for i in range(12) if i not in slots]
         assert torch.equal(module.queue[others], queue_before[others])  # ... nothing else
         assert int(module.queue_ptr) == (ptr + 4) % 12
+
+
+def test_moco_one_rank_encodes_in_shuffled_bn_sub_batches():
+    module = tiny("moco")  # moco.bn_splits 2 by default
+    x = batch(8, SIZE)
+    seen = {"key": [], "query": []}
+    module.momentum_encoder.register_forward_pre_hook(lambda m, a: seen["key"].append(a[0]))
+    module.encoder.register_forward_pre_hook(lambda m, a: seen["query"].append(a[0]))
+    with torch.no_grad():
+        keys = module.keys(x, gen(0))
+        queries = module.queries(x)
+    key_parts, query_parts = list(seen["key"]), list(seen["query"])
+    assert [len(part) for part in key_parts] == [4, 4]  # two BN batches ...
+    order = [next(i for i in range(8) if torch.equal(image, x[i]))
+             for image in torch.cat(key_parts)]
+    assert sorted(order) == list(range(8)) and set(order[:4]) != {0, 1, 2, 3}  # ... shuffled
+    with torch.no_grad():  # each sub-batch is its own BN batch, and key i is image i's
+        parts = torch.cat([module.embed(module.momentum_encoder, module.momentum_projector, p)
+                           for p in key_parts])
+        whole = module.embed(module.momentum_encoder, module.momentum_projector, x)
+    torch.testing.assert_close(keys[order], parts)
+    assert not torch.allclose(keys, whole, atol=1e-4)  # not one batch (train-mode BN)
+    assert [len(p) for p in query_parts] == [4, 4]  # queries: contiguous sub-batches
+    torch.testing.assert_close(torch.cat(query_parts), x)
+    torch.testing.assert_close(queries[:4], module.queries(x[:4].repeat(2, 1, 1, 1))[:4])
+    module.eval()  # batch-independent BN: keys come back in the images' order
+    with torch.no_grad():
+        torch.testing.assert_close(module.keys(x, gen(1)), module.embed(
+            module.momentum_encoder, module.momentum_projector, x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="bn_splits"):
+        tiny("moco", "moco.bn_splits=3").keys(x[:5], gen())
 
 
 def test_moco_key_encoder_moves_by_its_momentum():

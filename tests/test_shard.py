@@ -242,6 +242,21 @@ def test_sigterm_and_sigkill_leave_no_temporary_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
 
 
+def test_images_without_patient_are_counted_or_refused(tmp_path, capsys):
+    folder = write_tiny_images(tmp_path / "in", count=6)
+    assert run(folder, tmp_path / "out", meta=False) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["patient_unknown"] == 6 and manifest["patients"] == 6  # one per image
+    assert "warning: 6 of 6 images have no patient information" in capsys.readouterr().err
+    assert run(folder, tmp_path / "strict", "--require-patient", meta=False) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "6 of 6 images have no patient" in err and "img000" in err
+    assert not (tmp_path / "strict").exists()
+    assert run(folder, tmp_path / "meta", "--require-patient") == 0  # the metadata names them
+    manifest = json.loads((tmp_path / "meta" / "manifest.json").read_text())
+    assert manifest["patient_unknown"] == 0 and "warning" not in capsys.readouterr().err
+
+
 def test_failure_in_a_late_file_removes_everything(tmp_path):
     folder = write_tiny_images(tmp_path / "in", count=30)
     (folder / "images" / "img029.png").write_bytes(b"broken")

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cmunet.config import load_config
 from cmunet.data.splits import load_splits, pool_keys
-from cmunet.study import Arm, Cell, StudyConfig, arm_of, budget_keys, cells
-from cmunet.training.finetune import patients_of
+from cmunet.study import (Arm, Cell, StudyConfig, StudyData, arm_of, budget_keys, cells, collect,
+                          pretrain_data, pretrain_name, pretrain_ratio, table)
+from cmunet.training.finetune import FinetuneConfig, patients_of
+from cmunet.training.pretrain_config import PretrainConfig
 from conftest import ROOT
 
 TINY = ROOT / "configs" / "study" / "tiny.yaml"
@@ -99,6 +103,70 @@ def test_budgets_come_from_several_patients_and_nest(tiny_shards):
     assert len(draws) > 1  # the seed chooses the frames
     with pytest.raises(ValueError, match="exceeds"):
         budget_keys(splits, ratio, str(len(pool) + 1), patient_of, 0)
+
+
+def test_ratio_budgets_pretrain_on_their_own_pool(tiny_shards):
+    splits = load_splits(tiny_shards / "splits.json")
+    patient_of = patients_of(tiny_shards)
+    cfg = StudyConfig(data=StudyData(shards=str(tiny_shards), ratio="79-1"),
+                      budgets=["50-30", "all", "2"], seeds=[0])
+    small_pool = set(pool_keys(splits, "pretrain", "79-1"))
+    assert small_pool & set(budget_keys(splits, "79-1", "50-30", patient_of, 0))  # the old bug
+    for budget in cfg.budgets:
+        labels = set(budget_keys(splits, cfg.data.ratio, budget, patient_of, 0))
+        pretrained = set(pool_keys(splits, "pretrain", pretrain_ratio(cfg, budget)))
+        assert labels and pretrained and not labels & pretrained, budget
+    assert [pretrain_name(cfg, Cell("cmunet", b, 0))[0] for b in cfg.budgets] == \
+        ["cmunet-r50-30-s0", "cmunet-s0", "cmunet-s0"]
+    assert pretrain_name(cfg, Cell("cmunet", "50-30", 0))[1] == "pretrain cmunet ratio 50-30 seed 0"
+
+
+def test_pretrain_shards_replace_the_pool(tiny_shards, tmp_path):
+    cfg = StudyConfig(data=StudyData(shards=str(tiny_shards), ratio="79-1",
+                                     pretrain_shards=[str(tmp_path / "archive")]),
+                      budgets=["50-30"])
+    assert pretrain_ratio(cfg, "50-30") == "79-1"  # no pool: one pre-training for every budget
+    assert pretrain_name(cfg, Cell("mae", "50-30", 1))[0] == "mae-s1"
+    pretrain = load_config(PretrainConfig, ROOT / "configs/pretrain/mae-cpu.yaml",
+                           pretrain_data(cfg))
+    assert pretrain.data.pool == "none"
+    assert pretrain.data.extra_shards == [str((tmp_path / "archive").resolve())]
+    assert pretrain_data(StudyConfig()) == []
+
+
+def test_undefined_distances_are_counted_beside_the_means(tiny_shards, tmp_path):
+    """A model that outputs nothing: HD and ADD undefined on every test image, and said so."""
+    from safetensors.torch import save_file
+
+    from cmunet.evaluation.evaluate import run_evaluation
+    from cmunet.models.unet import UNet
+
+    model, out = tmp_path / "model", tmp_path / "study"
+    model.mkdir()
+    unet = UNet(4)
+    with torch.no_grad():  # background logit 50, vessel -50 everywhere: an empty prediction
+        unet.head.weight.zero_()
+        unet.head.bias.copy_(torch.tensor([50.0, -50.0]))
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
+              model / "best.safetensors")
+    (model / "result.json").write_text(json.dumps({"width": 4, "train_keys": ["a", "b"]}))
+    cell = out / "cells" / "none-ball-s0"
+    metrics = run_evaluation(load_config(FinetuneConfig, ROOT / "configs/finetune/cpu.yaml", [
+        f"data.shards={tiny_shards}", f"model={model}", f"out={cell / 'test'}", "model_width=4",
+        "tracking.enabled=false", "eval.overlays=1"]), log=lambda _: None)
+    n = metrics["n_images"]
+    assert metrics["dice"]["mean"] == 0.0
+    for name in ("hd", "add"):
+        assert metrics[name]["mean"] is None and metrics[name]["n_undefined"] == n > 0
+    shutil.copytree(model, cell / "model")
+    (cell / "result.json").write_text(json.dumps({
+        "best": {"cv_dice": 0.0, "lr": 1e-3, "batch_size": 4}, "epochs": 1}))
+    cfg = StudyConfig(out=str(out), data=StudyData(shards=str(tiny_shards)), arms=["none"],
+                      budgets=["all"], seeds=[0])
+    [row] = collect(cfg, out)
+    assert row["hd"] is None and row["hd_undefined"] == row["add_undefined"] == row["n_test"] == n
+    line = next(x for x in table(cfg, [row]).splitlines() if x.startswith("| none |"))
+    assert line.count(f"– ({n}/{n})") == 2  # no HD / ADD mean, and why
 
 
 @pytest.fixture(scope="module")

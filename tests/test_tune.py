@@ -276,6 +276,7 @@ def test_launch_tune_end_to_end_registers_a_loadable_champion(wide_shards, tmp_p
     assert len(runs) == 3 and len(children) == 2
     assert parent.data.metrics["best_cv_dice"] == pytest.approx(best["cv_dice"])
     assert "test_dice" in parent.data.metrics and parent.data.params["search.folds"] == "3"
+    assert {"test_hd_n_undefined", "test_add_n_undefined"} <= set(parent.data.metrics)
     assert "trials.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     for child in children:
         metrics = child.data.metrics

@@ -2,7 +2,8 @@
 """Turn folders of angiograms (PNG/JPEG/TIFF 8/16-bit, DICOM) into WebDataset shards.
 
     python tools/shard.py --images DIR [--masks DIR] [--meta FILE] --out OUT [--size S]
-                          [--workers N] [--skip-bad] [--test-list FILE] [key=value ...]
+                          [--workers N] [--skip-bad] [--test-list FILE] [--require-patient]
+                          [key=value ...]
 
 Writes OUT/shard-*.tar, OUT/manifest.json, OUT/splits.json and OUT/config.yaml. Any key of the
 shard config can also be set as key=value, e.g. preprocess.unsharp_amount=3 preprocess.fit=crop.
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-bad", action="store_true", help="skip bad files and list them")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out written by this tool (never "
                         "an input or a folder of other files)")
+    parser.add_argument("--require-patient", action="store_true",
+                        help="stop if an image has no patient (no --meta entry, no DICOM "
+                             "PatientID) instead of warning and counting it as its own patient")
     parser.add_argument("--salt", help="secret for hashing DICOM patient ids (default: "
                                        "$CMUNET_SALT, else random per run); never stored")
     parser.add_argument("--config", help="YAML file of shard settings (keys: docs/configuration.md, ShardConfig)")
@@ -51,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAGS.items()
                  if getattr(args, flag) is not None]
-    overrides += [f"{flag}=true" for flag in ("skip_bad", "overwrite") if getattr(args, flag)]
+    overrides += [f"{flag}=true" for flag in ("skip_bad", "overwrite", "require_patient")
+                  if getattr(args, flag)]
     try:
         cfg = load_config(ShardConfig, args.config, overrides + args.overrides)
         manifest = build_shards(cfg, salt=args.salt, log=lambda m: print(m, file=sys.stderr))

@@ -56,6 +56,10 @@ class ShardConfig:
     test_fraction: float = 0.2
     ratios: list[str] = field(default_factory=lambda: list(PAPER_RATIOS))
     test_list: str | None = None  # file of image names forming an official test split
+    # stop when an image has no patient (no metadata entry, no DICOM PatientID) instead of
+    # counting it as its own patient with a warning (frames of one patient could then land on
+    # both sides of the split)
+    require_patient: bool = False
 
     def __post_init__(self) -> None:
         check(bool(self.images), "images", "is required (a folder of images)")
@@ -86,6 +90,7 @@ class Sample:
     std: float
     dtype: str
     mask_problem: dict | None = None  # {file, problem} of a bad mask skipped with skip_bad
+    patient_known: bool = True  # False: no metadata or DICOM PatientID, the key stands in
 
 
 def build_shards(cfg: ShardConfig, salt: str | None = None, log=print) -> dict:
@@ -143,16 +148,18 @@ def _write(cfg, files, masks, meta, salt, tmp: Path, log) -> dict:
     samples: list[dict] = []
     skipped: list[dict] = []
     dropped_masks: list[dict] = []
+    unknown: list[str] = []  # keys of images without patient information
     shard_size = cfg.shard_size or min(1000, max(1, math.ceil(len(files) / 16)))
     writer = _ShardWriter(tmp, shard_size)
     results = _run(jobs, cfg, salt, workers)
     try:
-        _collect(results, cfg, writer, samples, skipped, dropped_masks, log)
+        _collect(results, cfg, writer, samples, skipped, dropped_masks, unknown, log)
     finally:
         results.close()  # stops the worker pool at once, also on error
     shards = writer.close()
     if not samples:
         raise BadInput(cfg.images, "no usable image (every file was skipped)")
+    _check_patients(cfg, unknown, len(samples), log)
     dtypes = sorted({s["dtype"] for s in samples})
     splits = make_splits([SampleInfo(s["key"], s["patient"], s["labelled"]) for s in samples],
                          seed=cfg.split_seed, test_fraction=cfg.test_fraction, ratios=cfg.ratios,
@@ -177,12 +184,15 @@ def _write(cfg, files, masks, meta, salt, tmp: Path, log) -> dict:
         "samples": samples,
         "skipped": skipped,
         "dropped_masks": dropped_masks,
+        # images without patient information, each counted as its own patient in the splits
+        "patient_unknown": len(unknown),
     }
 
 
 def _collect(results, cfg: ShardConfig, writer, samples: list, skipped: list,
-             dropped_masks: list, log) -> None:
-    """Write each processed file's samples in input order; record skipped files and masks."""
+             dropped_masks: list, unknown: list, log) -> None:
+    """Write each processed file's samples in input order; record skipped files and masks, and
+    the keys of samples without patient information."""
     seen: set[str] = set()
     first: tuple[Path, str] | None = None  # the first image's file and storage type
     for path, result in results:
@@ -207,11 +217,27 @@ def _collect(results, cfg: ShardConfig, writer, samples: list, skipped: list,
                 dropped_masks.append(sample.mask_problem)
                 log(f"mask dropped, image kept unlabelled: {sample.mask_problem['file']}: "
                     f"{sample.mask_problem['problem']}")
+            if not sample.patient_known:
+                unknown.append(sample.key)
             shard = writer.add(sample)
             samples.append({"key": sample.key, **sample.info,
                             "labelled": sample.mask_png is not None, "shard": shard,
                             "sha256": sample.sha256, "mean": sample.mean, "std": sample.std,
                             "dtype": sample.dtype})
+
+
+def _check_patients(cfg: ShardConfig, unknown: list[str], total: int, log) -> None:
+    """Warn about (or, with ``require_patient``, refuse) images without patient information."""
+    if not unknown:
+        return
+    message = (f"{len(unknown)} of {total} images have no patient information (no metadata "
+               f"entry, no DICOM PatientID), e.g. {', '.join(unknown[:3])}")
+    if cfg.require_patient:
+        raise BadInput(cfg.images, f"{message}; give --meta FILE (image,patient), or drop "
+                                   "--require-patient to count each as its own patient")
+    log(f"warning: {message}: each counts as its own patient, so frames of one patient may land "
+        "on both sides of the split (manifest: patient_unknown); give --meta FILE, or "
+        "--require-patient to make this an error")
 
 
 def _run(jobs, cfg: ShardConfig, salt: str, workers: int) -> Iterator[tuple[Path, list | BadInput]]:
@@ -266,7 +292,7 @@ def _samples_of(path: Path, mask_path: Path | None, meta: ImageMeta | None | Exc
         elif frame.patient_id:
             patient = _pseudonym(frame.patient_id, salt)
         else:
-            patient = key  # no grouping information: every image is its own patient
+            patient = key  # no grouping information: every image is its own patient (warned)
         spacing = meta.spacing if meta is not None and meta.spacing else frame.spacing
         if spacing is not None and cfg.preprocess.fit == "resize":
             factor = min(frame.pixels.shape) / cfg.preprocess.size
@@ -277,7 +303,8 @@ def _samples_of(path: Path, mask_path: Path | None, meta: ImageMeta | None | Exc
             image_png=_png(pixels), mask_png=mask_png,
             info={"patient": patient, "spacing": list(spacing) if spacing else None},
             sha256=digest, mean=float(values.mean()), std=float(values.std()),
-            dtype=str(pixels.dtype), mask_problem=problem))
+            dtype=str(pixels.dtype), mask_problem=problem,
+            patient_known=meta is not None or bool(frame.patient_id)))
     return samples
 
 

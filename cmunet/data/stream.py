@@ -147,11 +147,12 @@ class ShardStream(IterableDataset):
     """Batches from the shards in ``shards`` whose keys are in ``keys`` (None = all), plus,
     optionally, ``extra`` (folder, keys) sources (unlabelled archives, synthetic angiograms),
     each z-scored with its own statistics and joining with its weight in ``extra_weights``
-    (default 1: in proportion to its number of samples). See the module docstring."""
+    (default 1: in proportion to its number of samples; ``weight`` is the main folder's). See
+    the module docstring."""
 
     def __init__(self, shards: str | Path, keys: Iterable[str] | None, batch_size: int, *,
                  extra: Sequence[tuple[str | Path, Iterable[str] | None]] = (),
-                 extra_weights: Sequence[float] | None = None,
+                 extra_weights: Sequence[float] | None = None, weight: float = 1.0,
                  seed: int = 0, shuffle_buffer: int = 256, with_masks: bool = False,
                  transform: Transform | None = None, rank: int | None = None,
                  world_size: int | None = None, batches_per_epoch: int | None = None,
@@ -161,8 +162,8 @@ class ShardStream(IterableDataset):
         if len(weights) != len(extra) or any(not w >= 0 for w in weights):
             raise ValueError(f"extra_weights {list(weights)} must give one weight >= 0 per "
                              f"extra folder ({len(extra)})")
-        self.sources = [_source(folder, selection, weight, with_masks) for (folder, selection),
-                        weight in zip([(shards, keys), *extra], [1.0, *weights])]
+        self.sources = [_source(folder, selection, w, with_masks) for (folder, selection), w
+                        in zip([(shards, keys), *extra], [weight, *weights])]
         self.keys = set().union(*({k for _, ks in s.shards for k in ks} for s in self.sources))
         self.epoch_size = sum(s.per_epoch for s in self.sources)
         if self.epoch_size == 0:

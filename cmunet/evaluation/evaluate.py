@@ -106,7 +106,9 @@ def run_evaluation(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> d
     write_outputs(cfg, out, rows, metrics, items, preds)
     track(cfg, out, metrics)
     log(f"{cfg.eval.pool}: {len(rows)} images, Dice {_fmt(metrics['dice'])}, clDice "
-        f"{_fmt(metrics['cldice'])}, IoU {_fmt(metrics['iou'])}; wrote {out}")
+        f"{_fmt(metrics['cldice'])}, IoU {_fmt(metrics['iou'])}, HD {_fmt(metrics['hd'])} "
+        f"(undefined for {metrics['hd']['n_undefined']}), ADD {_fmt(metrics['add'])} "
+        f"(undefined for {metrics['add']['n_undefined']}); wrote {out}")
     return metrics
 
 
@@ -156,6 +158,7 @@ def track(cfg: FinetuneConfig, out: Path, metrics: dict) -> None:
     tracker = Tracker(cfg.tracking, run_name=f"eval-{Path(cfg.model).name}", params=flatten(cfg))
     means = {f"{cfg.eval.pool}_{k}": v["mean"] for k, v in metrics.items()
              if isinstance(v, dict) and v.get("mean") is not None}
+    means |= {f"{cfg.eval.pool}_{k}_n_undefined": metrics[k]["n_undefined"] for k in ("hd", "add")}
     if metrics["pearson_r"]["pearson_r"] is not None:
         means[f"{cfg.eval.pool}_pearson_r"] = metrics["pearson_r"]["pearson_r"]
     tracker.log_metrics(means, step=0)

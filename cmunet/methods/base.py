@@ -19,6 +19,7 @@ from torch import nn
 class PretrainMethod(nn.Module):
     name = "base"
     parts = {"encoder": "encoder", "decoder": "decoder"}  # UNet part -> attribute exported
+    no_weight_decay: tuple[str, ...] = ()  # parameter-name prefixes kept out of weight decay
     autocast_device: str | None = None  # "cuda" / "cpu": forward runs under bf16 autocast there
 
     def __call__(self, *args, **kwargs):

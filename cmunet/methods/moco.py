@@ -10,9 +10,12 @@ Saturation, hue and random grayscale do nothing to a grayscale image and are lef
 Query: the encoder's bottleneck, globally average pooled, through v2's 2-layer MLP head
 (Linear-ReLU-Linear, hidden = the 16w bottleneck width as v2's hidden = its feature width, 128
 out). Key: the same through the momentum encoder and head (EMA with a constant 0.999, outside the
-optimizer), with v2's shuffled BatchNorm across ranks (the key batch is all-gathered, permuted
-by a permutation every rank shares, encoded, and un-permuted; with one rank this is the
-identity, as in the original). Loss: InfoNCE with tau 0.2 whose negatives are the QUEUE only —
+optimizer), with v2's shuffled BatchNorm: across ranks, the key batch is all-gathered, permuted
+by a permutation every rank shares, each rank encodes its share as one BN batch, and the keys are
+un-permuted; on ONE rank (where the original's shuffle is the identity and keys and queries share
+one BN batch, the leak shuffled BN exists to stop) the batch is split into ``bn_splits`` BN
+sub-batches as if on that many GPUs -- queries in contiguous ones, keys in sub-batches of a random
+permutation, un-permuted afterwards (MoCo's single-GPU demo does the same). Loss: InfoNCE with tau 0.2 whose negatives are the QUEUE only —
 keys of earlier batches; the current keys, all-gathered in rank order, are enqueued after the
 loss (first in, first out), so the queue is the same on every rank and never holds the current
 batch. Export: the encoder only; fine-tuning initialises the decoder at random.
@@ -49,6 +52,9 @@ class MoCoConfig:
     contrast: float = 0.4
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels
+    # one rank only: BN sub-batches of queries and (shuffled) keys, as MoCo on this many GPUs;
+    # several ranks: each rank's share is one BN batch and this is unused; 1 = no shuffled BN
+    bn_splits: int = 2
 
     def __post_init__(self):
         check(self.queue_size >= 1, "queue_size", "must be >= 1")
@@ -64,6 +70,7 @@ class MoCoConfig:
               "and contrast must be in [0, 1)")
         check(0 < self.blur_sigma[0] <= self.blur_sigma[1], "blur_sigma",
               "must be [low, high] with 0 < low <= high")
+        check(self.bn_splits >= 1, "bn_splits", "must be >= 1")
 
 
 def jitter(x: torch.Tensor, apply: torch.Tensor, brightness: float, contrast: float,
@@ -131,13 +138,33 @@ class MoCo(PretrainMethod):
     def embed(self, encoder: nn.Module, projector: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(projector(encoder(x)[-1].mean(dim=(2, 3))).float(), dim=1)
 
+    def sub_batches(self, n: int) -> int:
+        """BN batches a rank's ``n`` queries (and keys) are encoded in: ``bn_splits`` on one rank,
+        else 1 (each rank is one BN batch)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return 1
+        if n < 2 * self.cfg.bn_splits:
+            raise ValueError(f"moco.bn_splits={self.cfg.bn_splits} needs at least 2 images per "
+                             f"BN sub-batch, but the micro-batch has {n}: lower moco.bn_splits "
+                             "or raise train.micro_batch")
+        return self.cfg.bn_splits
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """Online embeddings, in contiguous BN sub-batches on one rank (:meth:`sub_batches`)."""
+        return torch.cat([self.embed(self.encoder, self.projector, part)
+                          for part in x.tensor_split(self.sub_batches(x.shape[0]))])
+
     @torch.no_grad()
     def keys(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Momentum keys of ``x`` with shuffled BN: each rank encodes a random share of the
-        global batch (a permutation drawn on rank 0 and broadcast). Returns (this rank's keys,
-        the global batch's keys in rank order) from one gather of the encoded shares."""
+        """Momentum keys of ``x`` with shuffled BN. Returns (this rank's keys, the global batch's
+        keys in rank order). One rank: ``bn_splits`` BN sub-batches of a random permutation,
+        un-permuted. Several ranks: each rank encodes a random share of the global batch (a
+        permutation drawn on rank 0 and broadcast), from one gather of the encoded shares."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            keys = self.embed(self.momentum_encoder, self.momentum_projector, x)
+            order = torch.randperm(x.shape[0], generator=gen, device=x.device)
+            keys = torch.cat([self.embed(self.momentum_encoder, self.momentum_projector, part)
+                              for part in x[order].tensor_split(self.sub_batches(x.shape[0]))])
+            keys = keys[order.argsort()]
             return keys, keys
         everything = gather_batch(x)
         order = torch.randperm(everything.shape[0], generator=gen, device=x.device)
@@ -163,7 +190,7 @@ class MoCo(PretrainMethod):
 
     def forward(self, images: torch.Tensor, gen: torch.Generator):
         query_view, key_view = self.view(images, gen), self.view(images, gen)
-        q = self.embed(self.encoder, self.projector, query_view)
+        q = self.queries(query_view)
         k, everyone = self.keys(key_view, gen)
         loss = moco_loss(q, k, self.queue.clone(), self.cfg.tau)
         self.enqueue(everyone)

@@ -115,6 +115,7 @@ def sparse_encode(encoder: Encoder, image: torch.Tensor,
 
 class SparK(PretrainMethod):
     name = "spark"
+    no_weight_decay = ("mask_tokens.",)  # SparK decays neither its mask tokens nor 1-D tensors
 
     def __init__(self, cfg: SparKConfig, width: int, view_size: int):
         super().__init__()

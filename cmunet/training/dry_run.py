@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 from cmunet.data.splits import load_splits, pool_keys
-from cmunet.data.stream import load_manifest
 from cmunet.outdir import check_out
 from cmunet.training import checkpoint as ckpt
 from cmunet.training.optim import global_batch, scaled_lr
+from cmunet.training.pretrain import pretrain_stream
 from cmunet.training.pretrain_config import PretrainConfig
 
 
@@ -24,17 +24,16 @@ def pretrain_plan(cfg: PretrainConfig, world_size: int | None = None) -> dict:
     t = cfg.train
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     check_out(cfg.out, {"data.shards": cfg.data.shards})
-    load_manifest(cfg.data.shards)
-    keys = pool_keys(load_splits(Path(cfg.data.shards) / "splits.json"), cfg.data.pool,
-                     cfg.data.ratio)
-    extra = {folder: load_manifest(folder)["count"] for folder in cfg.data.extra_shards}
-    pool = len(keys) + sum(extra.values())
+    stream = pretrain_stream(cfg, 0, world)
+    per_folder = {source.folder: source.per_epoch for source in stream.sources}
+    main = per_folder.pop(cfg.data.shards, 0) if cfg.data.pool != "none" else 0
+    extra, pool = per_folder, stream.epoch_size
     batch = global_batch(t.micro_batch, t.grad_accum, world)
     steps_per_epoch = t.steps_per_epoch or max(1, math.ceil(pool / batch))
     folder = Path(cfg.out) / "checkpoints"
     found = ckpt.find_resumable(folder, ckpt.fingerprint(cfg, world)) if folder.is_dir() else None
     return {"method": cfg.method, "world_size": world, "pool": f"{cfg.data.pool}/{cfg.data.ratio}",
-            "pool_images": len(keys), "extra_images": extra, "global_batch": batch,
+            "pool_images": main, "extra_images": extra, "global_batch": batch,
             "lr": scaled_lr(t.base_lr, t.micro_batch, t.grad_accum, world),
             "steps_per_epoch": steps_per_epoch, "epochs": t.epochs,
             "total_steps": steps_per_epoch * t.epochs,

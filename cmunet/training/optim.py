@@ -33,11 +33,14 @@ def scaled_lr(base_lr: float, micro_batch: int, grad_accum: int, world_size: int
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two groups: weight decay on weights, none on biases and norms
-    (every 1-D tensor). Frozen (momentum) parameters are left out."""
+    (every 1-D tensor) nor on the parameters whose names start with one of the model's
+    ``no_weight_decay`` prefixes (SparK's mask tokens, as SparK does). Frozen (momentum)
+    parameters are left out."""
+    exempt = tuple(getattr(model, "no_weight_decay", ()))
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 or name.startswith(exempt) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cmunet.config import dump_config, flatten, save_config
+from cmunet.data.overlap import refuse_test_overlap
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import ShardStream, load_manifest, make_loader
 from cmunet.methods import build_method
@@ -63,6 +64,22 @@ def pretrain(cfg: PretrainConfig) -> Path:
     return export
 
 
+def pretrain_stream(cfg: PretrainConfig, rank: int, world_size: int) -> ShardStream:
+    """The stream of a pre-training run: the pool of ``data.shards`` (none with
+    ``data.pool=none``), then the extra folders with their weights."""
+    t = cfg.train
+    keys = [] if cfg.data.pool == "none" else pool_keys(
+        load_splits(Path(cfg.data.shards) / "splits.json"), cfg.data.pool, cfg.data.ratio)
+    weights = cfg.data.extra_weights or [1.0] * len(cfg.data.extra_shards)
+    # (folder, keys or None = all, visits per epoch): the pool, then the extra folders
+    sources = ([] if cfg.data.pool == "none" else [(cfg.data.shards, keys, 1.0)]) + [
+        (folder, None, w) for folder, w in zip(cfg.data.extra_shards, weights)]
+    (folder, keys, weight), rest = sources[0], sources[1:]
+    return ShardStream(folder, keys, t.micro_batch, seed=cfg.seed, weight=weight,
+                       extra=[(f, k) for f, k, _ in rest], extra_weights=[w for _, _, w in rest],
+                       shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size)
+
+
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
 
@@ -77,12 +94,8 @@ class _Run:
         torch.manual_seed(cfg.seed)
         self.manifest = load_manifest(cfg.data.shards)
         splits = load_splits(Path(cfg.data.shards) / "splits.json")
-        self.keys = pool_keys(splits, cfg.data.pool, cfg.data.ratio)
-        self.stream = ShardStream(cfg.data.shards, self.keys, t.micro_batch, seed=cfg.seed,
-                                  extra=[(folder, None) for folder in cfg.data.extra_shards],
-                                  extra_weights=cfg.data.extra_weights or None,
-                                  shuffle_buffer=cfg.data.shuffle_buffer,
-                                  rank=info.rank, world_size=info.world_size)
+        refuse_test_overlap(cfg.data.shards, cfg.data.extra_shards)
+        self.stream = pretrain_stream(cfg, info.rank, info.world_size)
         self.pool_size = self.stream.epoch_size  # samples of one pass (extra folders weighted)
         world = info.world_size
         self.global_batch = global_batch(t.micro_batch, t.grad_accum, world)
@@ -142,6 +155,8 @@ class _Run:
                  f"{t.micro_batch} x {t.grad_accum} x {world} = {self.global_batch} -> lr "
                  f"{t.base_lr:g} x {self.global_batch}/256 = {self.lr:.3g} | {self.steps_per_epoch}"
                  f" steps/epoch, {self.total_steps} steps")
+        for warning in cfg.warnings():
+            self.log(f"warning: {warning}")
 
     def _resume(self) -> None:
         found = resume_point(self.ckpt_dir, self.fingerprint)

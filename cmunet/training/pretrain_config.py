@@ -34,11 +34,14 @@ class ModelConfig:
 
 @dataclass
 class PretrainData:
-    shards: str = ""  # folder written by tools/shard.py
+    shards: str = ""  # folder written by tools/shard.py: its test split is never pre-trained on
     ratio: str = "79-1"  # PT-FT ratio whose pool is used (splits.json)
-    pool: Literal["pretrain", "train"] = "pretrain"  # train = every non-test sample
+    # train = every non-test sample; none = no sample of `shards` (pre-train on extra_shards only,
+    # e.g. an archive from elsewhere; `shards` then only names the test split and the probe's pool)
+    pool: Literal["pretrain", "train", "none"] = "pretrain"
     # more unlabeled images: every sample of these shard folders joins the pool (synthetic
-    # angiograms, unlabeled archives) -- never a folder holding your test images
+    # angiograms, unlabeled archives); a folder holding a test image of `shards` (same source
+    # SHA-256) is refused
     extra_shards: list[str] = field(default_factory=list)
     # visits per epoch of each extra folder's samples (one weight per folder; empty = 1 each,
     # i.e. in proportion to its size); 0.25 = a random quarter of the folder every epoch
@@ -51,6 +54,8 @@ class PretrainData:
         check(not self.extra_weights or len(self.extra_weights) == len(self.extra_shards),
               "extra_weights", "must give one weight per extra_shards folder (or none)")
         check(all(w >= 0 for w in self.extra_weights), "extra_weights", "must be >= 0")
+        check(self.pool != "none" or bool(self.extra_shards), "pool",
+              "none needs data.extra_shards: the folders to pre-train on")
 
 
 @dataclass
@@ -124,3 +129,16 @@ class PretrainConfig:
             self.cmunet = replace(self.cmunet, **CMUNET_ABLATIONS[self.method])
         if self.method == "none":  # nothing to train: no step, the export is the initialisation
             self.train = replace(self.train, epochs=0, warmup_epochs=0, zero_stage=0)
+
+    def warnings(self) -> list[str]:
+        """Settings that run but bias what is learnt; logged at start-up (rank 0)."""
+        found = []
+        contrastive = (self.method.startswith("cmunet") and self.cmunet.contrastive
+                       and self.cmunet.lambda_con > 0)
+        if contrastive and self.train.grad_accum > 1:
+            found.append(
+                f"train.grad_accum={self.train.grad_accum}: InfoNCE's negatives come from one "
+                f"micro-step ({self.train.micro_batch} x world size images), not from the global "
+                "batch the learning rate is scaled for; prefer more ranks or a larger micro_batch "
+                "(docs/pretraining.md)")
+        return found

@@ -600,14 +600,16 @@ def save_model(final: FinetuneConfig, result: FitResult, best: dict, pool: list[
 def evaluate_once(final: FinetuneConfig, model_dir: Path, out: Path,
               log: Callable[[str], None]) -> dict[str, float]:
     """Evaluate the retrained model on the test split (OUT/test); the mean of every metric as
-    ``test_<metric>``. Its MLflow record is the search's run, not a run of its own."""
+    ``test_<metric>``, and the images where HD / ADD are undefined as ``test_hd_n_undefined``. Its MLflow record is the search's run, not a run of its own."""
     # imported here, not at the top: Ray's trial workers import this module and never evaluate
     from cmunet.evaluation.evaluate import run_evaluation
 
     metrics = run_evaluation(replace(final, model=str(model_dir), out=str(out),
                                      tracking=replace(final.tracking, enabled=False)), log)
-    return {f"test_{k}": v["mean"] for k, v in metrics.items()
-            if isinstance(v, dict) and v.get("mean") is not None}
+    summaries = {k: v for k, v in metrics.items() if isinstance(v, dict) and "n_undefined" in v}
+    return {**{f"test_{k}": v["mean"] for k, v in summaries.items() if v["mean"] is not None},
+            **{f"test_{k}_n_undefined": v["n_undefined"] for k, v in summaries.items()
+               if k in ("hd", "add")}}
 
 
 def register(cfg: TuneConfig, parent: Tracker, model_dir: Path, best: dict, epochs: int,
