@@ -201,7 +201,7 @@ def test_batch_norm_over_two_gloo_ranks_equals_one_process_batch():
 class _SlowPublishRun:
     """The end of a run: ``_Run._finish`` with an export + MLflow drain taking 4 s on rank 0."""
 
-    def __init__(self, cfg, info):
+    def __init__(self, cfg, info, stop=None):
         self.info, self.out = info, Path(cfg.out)
         self.tracker = types.SimpleNamespace(log_artifact=lambda *a, **k: None,
                                              close=lambda: time.sleep(4))
@@ -219,7 +219,8 @@ def _finish_times(info, out: str):
 
     _SlowPublishRun.finish = pretrain._Run._finish
     pretrain._Run = _SlowPublishRun  # only the end of the run
-    cfg = types.SimpleNamespace(out=out, train=types.SimpleNamespace(collective_timeout_s=600))
+    cfg = types.SimpleNamespace(out=out, train=types.SimpleNamespace(collective_timeout_s=600),
+                                data=types.SimpleNamespace(shards=out + "-shards", extra_shards=[]))
     start = time.monotonic()
     pretrain.pretrain(cfg)
     return time.monotonic() - start
