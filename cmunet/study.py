@@ -35,6 +35,7 @@ from cmunet.config import check, load_config, save_config
 from cmunet.data.overlap import refuse_test_overlap
 from cmunet.data.splits import load_splits, parse_ratio, pool_keys
 from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
+from cmunet.training.probe import ProbeConfig
 from cmunet.training.launcher import ROOT, job_overrides, pretrain_command, run_logged
 
 METRICS = ("dice", "cldice", "iou", "hd", "add")
@@ -93,6 +94,9 @@ class StudyConfig:
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(
         experiment="cmunet-study"))
     report_only: bool = False  # rebuild results.csv/.md and the figure from finished cells
+    # dose studies: probe every dose's export with these seeds (dose.md, probe_vs_gain.png)
+    probe_seeds: list[int] = field(default_factory=list)
+    probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(epochs=10))
 
     def __post_init__(self):
         check(not self.reference or self.reference in self.arms, "reference",
@@ -338,7 +342,27 @@ def report(cfg: StudyConfig, out: Path) -> Path:
     (out / "results.md").write_text(table(cfg, rows))
     figure(cfg, rows, out / "dice_vs_budget.png")
     loss_curves(sorted((out / "pretrain").glob("*/log.csv")), out / "pretrain_losses.png")
+    if dose_arms(cfg, out):
+        from cmunet.dose import dose_report
+
+        dose_report(cfg, out, rows)
     return out
+
+
+def dose_arms(cfg: StudyConfig, out: Path) -> dict[str, int]:
+    """Arm -> pre-training epochs of the arms that fine-tune from one shared pre-training's
+    exports (its periodic ones and its final one), when the study has at least two of them."""
+    doses: dict[str, int] = {}
+    for name in cfg.arms:
+        arm = arm_of(cfg, name)
+        if not arm.share:
+            continue
+        folder = out / "pretrain" / pretrain_name(cfg, Cell(arm.share, "all", cfg.seeds[0]))[0]
+        info = (folder / "exports" / arm.export if arm.export else folder / "export") / \
+            "export.json"
+        if info.exists():
+            doses[name] = int(json.loads(info.read_text())["epoch"])
+    return doses if len(doses) >= 2 else {}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -356,20 +380,30 @@ def _with_undefined(rows: list[dict], name: str) -> str:
     return f"{_mean_std([r[name] for r in rows])} ({undefined}/{total})"
 
 
-def _paired_gain(rows: list[dict], arm: str, budget: str, reference: str) -> str:
-    """Mean Dice gain over the reference arm on the same seeds, with a 95% t interval."""
+def paired_gain(rows: list[dict], arm: str, budget: str,
+                reference: str) -> tuple[float, float, float, int] | None:
+    """(mean, low, high, n): the mean Dice gain over the reference arm on the same seeds, with a
+    95 % t interval (low = high = mean for one pair); None without a pair."""
     from scipy import stats
 
     mine = {r["seed"]: r["dice"] for r in rows if r["arm"] == arm and r["budget"] == budget}
     base = {r["seed"]: r["dice"] for r in rows if r["arm"] == reference and r["budget"] == budget}
     diffs = [mine[s] - base[s] for s in sorted(mine.keys() & base.keys())]
     if arm == reference or not diffs:
-        return "–"
+        return None
     mean = float(np.mean(diffs))
     if len(diffs) < 2:
-        return f"{mean:+.3f} (n=1)"
+        return mean, mean, mean, 1
     half = stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / math.sqrt(len(diffs))
-    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n={len(diffs)})"
+    return mean, mean - half, mean + half, len(diffs)
+
+
+def _paired_gain(rows: list[dict], arm: str, budget: str, reference: str) -> str:
+    gain = paired_gain(rows, arm, budget, reference)
+    if gain is None:
+        return "–"
+    mean, low, high, n = gain
+    return f"{mean:+.3f} (n=1)" if n == 1 else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={n})"
 
 
 def table(cfg: StudyConfig, rows: list[dict]) -> str:

@@ -227,3 +227,29 @@ def test_tiny_study_resumes_and_reports(tiny_study):
                             capture_output=True, text=True, timeout=600)
     assert report.returncode == 0, report.stderr[-3000:]
     assert (out / "results.csv").read_text() == before
+
+
+def test_dose_report_puts_the_gains_against_the_epochs(tmp_path):
+    from cmunet.dose import dose_report, spearman_interval
+    from cmunet.study import dose_arms
+
+    cfg = StudyConfig(arms=["none", "d2", "d8", "dfinal"], budgets=["4"], seeds=[0, 1, 2],
+                      pretrain_once=True, variants={
+                          "long": Arm(method="cmunet"), "d2": Arm(share="long", export="epoch_0002"),
+                          "d8": Arm(share="long", export="epoch_0008"), "dfinal": Arm(share="long")})
+    folder = tmp_path / "pretrain" / "long-s0"
+    for part, epoch in (("exports/epoch_0002", 2), ("exports/epoch_0008", 8), ("export", 20)):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "export.json").write_text(json.dumps(
+            {"epoch": epoch, "step": epoch * 3, "global_batch": 16}))
+    assert dose_arms(cfg, tmp_path) == {"d2": 2, "d8": 8, "dfinal": 20}
+    gains = {"none": 0.0, "d2": 0.01, "d8": 0.03, "dfinal": 0.05}
+    rows = [{"arm": arm, "budget": "4", "seed": seed, "dice": 0.6 + gain + 0.01 * seed}
+            for arm, gain in gains.items() for seed in (0, 1, 2)]
+    text = dose_report(cfg, tmp_path, rows).read_text()
+    assert "| d8 | 8 | 384 | 0.640 ± 0.010 | +0.030 [+0.030, +0.030] (n=3) | – |" in text
+    assert (tmp_path / "gain_vs_dose.png").stat().st_size > 0
+    rho, low, high = spearman_interval([1, 2, 3, 4, 5], [0.1, 0.2, 0.25, 0.4, 0.5])
+    assert rho == pytest.approx(1.0) and -1 <= low <= high <= 1
+    rho, _, _ = spearman_interval([1, 2, 3, 4], [4, 3, 2, 1])
+    assert rho == pytest.approx(-1.0)

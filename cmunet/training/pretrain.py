@@ -291,7 +291,8 @@ class _Run:
     def _export(self, folder: Path) -> Path:
         info = {"method": self.cfg.method, "width": self.cfg.model.width,
                 "view_size": self.cfg.view_size, "epoch": self.state["epoch"],
-                "step": self.state["step"], "parts": list(self.method.parts),
+                "step": self.state["step"], "global_batch": self.global_batch,
+                "parts": list(self.method.parts),
                 "metrics": self.window.last}
         return save_export(folder, self.method.export_state(), info, dump_config(self.cfg),
                            self.manifest)

@@ -1,0 +1,163 @@
+"""The dose-response report of a study whose arms fine-tune from the exports of one pre-training
+(its periodic exports and its final one: the doses), and the check of the pre-training probe.
+
+For every budget: the paired test-Dice gain of each dose over the reference arm (95 % t interval
+over seeds) against the pre-training epochs, as ``dose.md`` and ``gain_vs_dose.png``. With
+``probe_seeds``, every dose's export is also probed (:func:`cmunet.training.probe.probe_dice`,
+fine-tuning-pool images only, one probe per seed, cached in ``probes.json``), and the Spearman
+correlation of the mean probe Dice with the mean test gain over the doses is reported with a
+bootstrap interval (resampling the doses) and plotted (``probe_vs_gain.png``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cmunet.study import (Cell, StudyConfig, _mean_std, arm_of, dose_arms, paired_gain,
+                          pretrain_name)
+
+
+def dose_report(cfg: StudyConfig, out: Path, rows: list[dict]) -> Path:
+    doses = dose_arms(cfg, out)
+    reference = cfg.reference or cfg.arms[0]
+    probes = probe_scores(cfg, out, doses) if cfg.probe_seeds else {}
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    lines = ["# Dose-response", "",
+             f"Paired test-Dice gain over `{reference}` (95 % t interval over seeds) for "
+             "fine-tuning from the exports of one pre-training after E epochs (passes over "
+             "its pool)." + (f" Probe: mean probe_dice over seeds {cfg.probe_seeds} (fine-tuning "
+                             "pool only)." if probes else ""), ""]
+    series = {}
+    for budget in budgets:
+        lines += [f"## budget {budget}", "", "| arm | epochs | views | Dice | gain vs "
+                  f"{reference} | probe_dice |", "|---|---|---|---|---|---|"]
+        points = []
+        for arm, epochs in sorted(doses.items(), key=lambda item: item[1]):
+            dice = [r["dice"] for r in rows if r["arm"] == arm and r["budget"] == budget]
+            gain = paired_gain(rows, arm, budget, reference)
+            if gain is None:
+                continue
+            mean, low, high, n = gain
+            probe = np.mean(probes[arm]) if arm in probes else None
+            points.append((epochs, mean, low, high, probe))
+            views = _views(cfg, out, arm)
+            lines.append(f"| {arm} | {epochs} | {views or '–'} | {_mean_std(dice)} | "
+                         f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={n}) | "
+                         f"{'–' if probe is None else f'{probe:.3f}'} |")
+        series[budget] = points
+        with_probe = [(p[4], p[1]) for p in points if p[4] is not None]
+        if len(with_probe) >= 3:
+            rho, low, high = spearman_interval(*zip(*with_probe))
+            lines += ["", f"Spearman(probe_dice, gain) over {len(with_probe)} doses: "
+                      f"{rho:+.2f} [{low:+.2f}, {high:+.2f}] (bootstrap over doses)"]
+        lines.append("")
+    (out / "dose.md").write_text("\n".join(lines))
+    _figure(series, reference, out / "gain_vs_dose.png")
+    if probes:
+        _probe_figure(series, out / "probe_vs_gain.png")
+    return out / "dose.md"
+
+
+def _views(cfg: StudyConfig, out: Path, arm: str) -> int | None:
+    """Views the export's pre-training had seen (steps x global batch), when recorded."""
+    info = json.loads(_export(cfg, out, arm).joinpath("export.json").read_text())
+    return info["step"] * info["global_batch"] if "global_batch" in info else None
+
+
+def _export(cfg: StudyConfig, out: Path, arm: str) -> Path:
+    shared = arm_of(cfg, arm)
+    folder = out / "pretrain" / pretrain_name(cfg, Cell(shared.share, "all", cfg.seeds[0]))[0]
+    return folder / "exports" / shared.export if shared.export else folder / "export"
+
+
+def probe_scores(cfg: StudyConfig, out: Path, doses: dict[str, int]) -> dict[str, list[float]]:
+    """Arm -> probe Dice of its export, one per probe seed (computed once, cached)."""
+    from cmunet.models.export import load_export
+    from cmunet.training.probe import probe_dice
+
+    cache_file = out / "probes.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    scores = {}
+    for arm in doses:
+        export = _export(cfg, out, arm)
+        state, info = load_export(export)
+        for seed in cfg.probe_seeds:
+            key = f"{arm}/{seed}"
+            if key not in cache:
+                cache[key] = probe_dice(state, info["width"], cfg.data.shards, cfg.data.ratio,
+                                        cfg.probe, seed)
+                tmp = cache_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(cache, indent=1) + "\n")
+                tmp.replace(cache_file)
+            scores.setdefault(arm, []).append(cache[key])
+    return scores
+
+
+def spearman_interval(x, y, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Spearman's rho of (x, y) and a 95 % percentile bootstrap interval (pairs resampled;
+    resamples with a constant side are skipped). With a handful of points the interval is wide:
+    it says how little a few doses can establish."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    rho = float(spearmanr(x, y).statistic)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(x), len(x))
+        if np.ptp(x[pick]) > 0 and np.ptp(y[pick]) > 0:
+            draws.append(spearmanr(x[pick], y[pick]).statistic)
+    low, high = np.percentile(draws, [2.5, 97.5]) if draws else (np.nan, np.nan)
+    return rho, float(low), float(high)
+
+
+def _figure(series: dict, reference: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for budget, points in series.items():
+        if not points:
+            continue
+        epochs, mean, low, high, _ = (np.array(v, dtype=float) for v in zip(*points))
+        ax.errorbar(epochs, mean, yerr=[mean - low, high - mean], marker="o", capsize=3,
+                    label=f"{budget} labels")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("pre-training epochs (passes over the pre-training pool)")
+    ax.set_ylabel(f"test Dice gain over {reference} (95 % CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _probe_figure(series: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for budget, points in series.items():
+        shown = [p for p in points if p[4] is not None]
+        if shown:
+            ax.scatter([p[4] for p in shown], [p[1] for p in shown], label=f"{budget} labels")
+            for epochs, gain, _, _, probe in shown:
+                ax.annotate(str(epochs), (probe, gain), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    ax.set_xlabel("probe_dice of the export (mean over probe seeds)")
+    ax.set_ylabel("mean test Dice gain")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, bbox_inches="tight")
+    tmp.replace(path)
