@@ -288,10 +288,10 @@ def ray_session(search: SearchConfig) -> Iterator[None]:
     """Ray for the search: a cluster (``search.address``) or a local instance started here and
     shut down afterwards; an instance already running in this process is used as it is.
 
-    The local instance requires a token (Ray's token authentication): a random one made for this
-    session and kept in this process's environment (its workers inherit it), never written to a
-    file, unless RAY_AUTH_MODE / RAY_AUTH_TOKEN are set. Ray 2.x's servers listen on every
-    interface; the token is what keeps others out (docs/multinode.md)."""
+    The local instance listens on 127.0.0.1 only (:func:`loopback_node`) and requires a token
+    (Ray's token authentication: other users of the machine reach 127.0.0.1 too): a random one
+    made for this session and kept in this process's environment (its workers inherit it), never
+    written to a file, unless RAY_AUTH_MODE / RAY_AUTH_TOKEN are set (docs/multinode.md)."""
     if ray.is_initialized():
         yield
         return
@@ -299,13 +299,36 @@ def ray_session(search: SearchConfig) -> Iterator[None]:
         if search.address:
             ray.init(address=search.address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=search.num_cpus or None, include_dashboard=False,
-                     _temp_dir=str(Path(search.temp_dir).resolve()),
-                     logging_level=logging.WARNING)
+            with loopback_node():
+                ray.init(num_cpus=search.num_cpus or None, include_dashboard=False,
+                         _node_ip_address="127.0.0.1",
+                         _temp_dir=str(Path(search.temp_dir).resolve()),
+                         logging_level=logging.WARNING)
         try:
             yield
         finally:
             ray.shutdown()
+
+
+@contextmanager
+def loopback_node() -> Iterator[None]:
+    """Let ``ray.init(_node_ip_address="127.0.0.1")`` keep that address.
+
+    Ray's GCS server, raylet, agents and workers bind their servers to 127.0.0.1 when the node's
+    address is 127.0.0.1, and to every interface otherwise. But ``ray.init`` replaces a loopback
+    ``_node_ip_address`` by the machine's routable address
+    (``ray._private.services.resolve_ip_for_localhost``) unless Ray clusters are disabled
+    (``ray_constants.ENABLE_RAY_CLUSTER``, read once from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when
+    ray is imported; True on Linux). It is False only while ``ray.init`` runs; the processes Ray
+    starts are given the address explicitly. tests/test_listeners.py checks every listener."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 @contextmanager
