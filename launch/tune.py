@@ -10,7 +10,7 @@ by patient, every fold from the same initial weights. The best trial is retraine
 pool, evaluated once on the test split and registered in MLflow (models:/cmunet@champion).
 Writes OUT/trials.csv, OUT/folds.json, OUT/model/, OUT/test/, OUT/result.json. See docs/tuning.md.
 SIGTERM / SIGINT stop the search after saving its state (exit 75); relaunching the same command
-(same out=) continues it without running finished trials again.
+(same out=) continues it without running finished trials, or finished folds, again.
 """
 
 from __future__ import annotations

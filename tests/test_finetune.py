@@ -8,6 +8,8 @@ import csv
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +109,24 @@ def test_export_whose_tensors_contradict_its_width_fails_in_the_launcher(tmp_pat
                                   "tracking.enabled=false", *TINY])
     assert code == 2
     assert "does not fit this model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("launcher, config", [("finetune", CPU_YAML),
+                                              ("tune", str(ROOT / "configs" / "tune" / "cpu.yaml"))])
+def test_a_corrupt_export_is_a_one_line_error(tmp_path, tiny_shards, launcher, config):
+    make_export(tmp_path / "export")
+    weights = tmp_path / "export" / "model.safetensors"
+    weights.write_bytes(b"not a safetensors file\n" * 8)  # garbage where the weights should be
+    run = subprocess.run([sys.executable, str(ROOT / "launch" / f"{launcher}.py"), "--config",
+                          config, f"data.shards={tiny_shards}", f"init={tmp_path / 'export'}",
+                          f"out={tmp_path / 'out'}", "tracking.enabled=false"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {weights}: not a readable "
+                                                   "safetensors file (")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):  # as a bare file too
+        load_export(weights)
 
 
 # ---- validation carve and data access ------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Every listener the toolkit opens is bound to 127.0.0.1 on one machine; the local Ray of the
-search requires a token (Ray 2.x's own servers listen on every interface: the token is the lock)."""
+search listens on 127.0.0.1 only and requires a token as well (other users of the machine reach
+127.0.0.1 too)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,7 +54,16 @@ except Exception as err:
 """
 
 
-def test_the_local_ray_requires_a_token(tmp_path, monkeypatch):
+def other_addresses() -> list[str]:
+    """This machine's IPv4 addresses other than loopback ones."""
+    return [a.address for addresses in psutil.net_if_addrs().values() for a in addresses
+            if a.family == socket.AF_INET and not a.address.startswith("127.")]
+
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}  # gRPC's IPv6 sockets show 127.0.0.1 IPv4-mapped
+
+
+def test_the_local_ray_listens_on_loopback_only_and_requires_a_token(tmp_path, monkeypatch):
     import ray
 
     from cmunet.training.tune import SearchConfig, ray_session
@@ -65,16 +76,24 @@ def test_the_local_ray_requires_a_token(tmp_path, monkeypatch):
         address = ray.get_runtime_context().gcs_address
         token = os.environ["RAY_AUTH_TOKEN"]
         assert os.environ["RAY_AUTH_MODE"] == "token" and len(token) == 64
+        assert address.startswith("127.0.0.1:")
+        worker = ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker process listens too
         me = psutil.Process()
-        ray_pids = {p.pid for p in me.children(recursive=True)}
-        listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
-                     if c.status == "LISTEN" and c.pid in ray_pids}
-        assert listening  # the GCS, raylet and workers: reachable only with the token
+        ray_pids = {me.pid} | {p.pid for p in me.children(recursive=True)}  # driver, GCS, raylet,
+        listening = {(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("inet")
+                     if c.status == "LISTEN" and c.pid in ray_pids}   # agents, workers
+        assert {pid for _, _, pid in listening} >= {me.pid, worker}
+        assert len(listening) >= 4 and {ip for ip, _, _ in listening} <= LOOPBACK, listening
+        for ip in other_addresses():  # from another machine: nothing answers
+            for _, port, _ in listening:
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection((ip, port), timeout=10).close()
         answers = {}
         for name, extra in {"no token": {}, "wrong token": {"RAY_AUTH_TOKEN": "0" * 64},
                             "the token": {"RAY_AUTH_TOKEN": token}}.items():
             env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-            env.update({"RAY_AUTH_MODE": "token", "HOME": str(tmp_path / "other"), **extra})
+            env.update({"RAY_AUTH_MODE": "token", "HOME": str(tmp_path / "other"), **extra,
+                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # keep 127.0.0.1 as given
             out = subprocess.run([sys.executable, "-c", CLIENT.format(address=address)], env=env,
                                  capture_output=True, text=True, timeout=120).stdout
             answers[name] = out.strip().splitlines()[-1] if out.strip() else "nothing"

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ray import tune
 
 import cmunet.training.tune as tune_module
 from cmunet.config import load_config
@@ -29,9 +30,10 @@ from cmunet.data.stream import InMemorySet
 from cmunet.evaluation.evaluate import load_finetuned
 from cmunet.tracking.mlflow_run import Tracker, TrackingConfig
 from cmunet.training.finetune import build_model, cpu_state, patients_of
-from cmunet.training.tune import (FoldScore, SearchConfig, TuneConfig, absolute, cross_validate,
-                                  cv_metrics, finetune_settings, patient_folds, ray_session,
-                                  run_trial, run_tune, search)
+from cmunet.training.tune import (FOLDS_FILE, FoldScore, SearchConfig, TuneConfig, absolute,
+                                  cross_validate, cv_metrics, finetune_settings, finished_folds,
+                                  fold_key, patient_folds, ray_session, run_trial, run_tune,
+                                  search, state_digest)
 from conftest import ROOT, load_tool
 
 CPU_YAML = str(ROOT / "configs" / "tune" / "cpu.yaml")
@@ -137,6 +139,27 @@ def test_every_fold_starts_from_the_same_weights(wide_shards, tmp_path, monkeypa
     assert metrics["folds_done"] == 3
     assert metrics["cv_dice"] == pytest.approx(np.mean([metrics[f"fold{k}_dice"]
                                                         for k in (1, 2, 3)]))
+    # an interrupted trial that finished fold 1: folds 2 and 3 only, the same reports and result
+    fold1 = FoldScore(metrics["fold1_dice"], metrics["fold1_best_epoch"])
+    resumed: list[dict] = []
+    again = cross_validate(settings, folds, initial, resumed.append, every_epoch=True,
+                           done=[fold1])
+    assert len(received) == 5 and again == metrics and resumed == reports[cfg.train.epochs:]
+
+
+def test_a_saved_fold_is_used_again_only_under_the_same_key(wide_shards, tmp_path):
+    cfg = finetune_settings(tiny_cfg(wide_shards, tmp_path, "tracking.enabled=false"))
+    _, folds = pool_and_folds(tiny_cfg(wide_shards, tmp_path))
+    weights = state_digest({"w": torch.zeros(2)})
+    keys = [fold_key(cfg, fold, weights) for fold in folds]
+    other_lr = fold_key(replace(cfg, train=replace(cfg.train, lr=0.5)), folds[1], weights)
+    other_weights = fold_key(cfg, folds[1], state_digest({"w": torch.ones(2)}))
+    assert len({*keys, other_lr, other_weights}) == 5
+    rows = [{"key": keys[0], "dice": 0.625, "epoch": 2}, {"key": other_lr, "dice": 0.5, "epoch": 1}]
+    (tmp_path / FOLDS_FILE).write_text(json.dumps(rows))
+    saved = tune.Checkpoint.from_directory(str(tmp_path))
+    assert finished_folds(saved, keys) == [FoldScore(0.625, 2)]  # fold 2 was another trial's
+    assert finished_folds(None, keys) == []
 
 
 def test_the_search_refuses_test_split_images(wide_shards, tmp_path):
@@ -307,34 +330,54 @@ def test_launch_tune_end_to_end_registers_a_loadable_champion(wide_shards, tmp_p
     assert {"best.safetensors", "preprocessing.json", "MLmodel"} <= files
 
 
+def result_rows(trial: Path) -> list[dict]:
+    """The results a trial reported (its result.json, one JSON object a line)."""
+    path = trial / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 @pytest.mark.slow
-def test_sigterm_mid_search_then_relaunch_skips_finished_trials(wide_shards, tmp_path):
+def test_sigterm_mid_search_then_relaunch_skips_finished_trials_and_folds(wide_shards, tmp_path):
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
     cmd = [sys.executable, str(ROOT / "launch/tune.py"), "--config", CPU_YAML,
            f"data.shards={wide_shards}", "init=none", "out=OUT", *TINY, "search.lr=[1e-2, 1e-3]",
-           "search.max_concurrent=1", "search.num_cpus=1", f"search.temp_dir={temp}"]
+           "search.max_concurrent=1", "search.num_cpus=1", f"search.temp_dir={temp}",
+           "search.folds=5", "train.epochs=10"]  # time to stop trial 2 after a fold, before 5
     dry = subprocess.run([*cmd, "--dry-run"], cwd=tmp_path, capture_output=True, text=True)
     assert dry.returncode == 0 and "lr=0.01 batch_size=4" in dry.stdout and "a new search" in \
         dry.stdout and not (tmp_path / "OUT").exists(), dry.stderr
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
-    def finished() -> list[Path]:
-        return [p for p in (tmp_path / "OUT" / "ray" / "search").glob("*/result.json")
-                if '"folds_done": 3' in p.read_text()]
+    def folds_done() -> dict[Path, int]:  # per trial folder: the folds it reported finished
+        return {trial: max([row.get("folds_done", 0) for row in result_rows(trial)], default=0)
+                for trial in (tmp_path / "OUT" / "ray" / "search").glob("*/")}
+
+    def one_finished_one_started() -> bool:  # max_concurrent=1: one trial after the other
+        counts = sorted(folds_done().values())
+        return len(counts) == 2 and 0 < counts[0] < counts[1] == 5
 
     deadline = time.time() + 600
-    while not finished() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    while not one_finished_one_started() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     text = proc.communicate(timeout=300)[0]
+    stopped = time.time()
     assert proc.returncode == 75, text[-3000:]
-    done = {p: p.read_text() for p in finished()}
-    assert len(done) == 1 and not (tmp_path / "OUT" / "result.json").exists()
+    progress = folds_done()
+    finished = [trial for trial, n in progress.items() if n == 5]
+    (partial, before), = [(trial, n) for trial, n in progress.items() if 0 < n < 5]
+    assert len(finished) == 1 and not (tmp_path / "OUT" / "result.json").exists()
+    done = {trial: (trial / "result.json").read_text() for trial in finished}
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    for path, before in done.items():
-        assert path.read_text() == before  # the finished trial did not run again
+    for trial, text in done.items():
+        assert (trial / "result.json").read_text() == text  # the finished trial did not run again
+    # the interrupted trial went on after its finished folds: fold `before` + 1 is the first the
+    # relaunch reports, and every fold is reported finished once
+    relaunched = [row["folds_done"] for row in result_rows(partial) if row["timestamp"] > stopped]
+    assert relaunched == list(range(before + 1, 6)), (before, relaunched)
+    assert "finished before, not trained again" in result.stdout + result.stderr
     with (tmp_path / "OUT" / "trials.csv").open() as f:
         assert [row["status"] for row in csv.DictReader(f)] == ["COMPLETED", "COMPLETED"]
     shutil.rmtree(temp, ignore_errors=True)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset
 
 from cmunet.config import flatten, read_yaml_mapping, save_config
@@ -28,6 +27,7 @@ from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import InMemorySet, collate, load_manifest
 from cmunet.evaluation.figures import bland_altman_plot, save_overlays
 from cmunet.evaluation.metrics import DEFAULT_KEYS, diameter_agreement, image_metrics, summarize
+from cmunet.models.export import read_weights
 from cmunet.models.unet import UNet
 from cmunet.tracking.mlflow_run import Tracker
 from cmunet.training.finetune import WEIGHTS, FinetuneConfig, predict
@@ -56,7 +56,7 @@ def load_finetuned(folder: str | Path) -> UNet:
     width = trained_width(folder)
     model = UNet(width)
     try:
-        model.load_state_dict(load_file(weights))
+        model.load_state_dict(read_weights(weights))
     except RuntimeError as err:
         raise ValueError(f"{weights} does not fit a UNet of width {width} (the width recorded in "
                          f"{folder}): {str(err).splitlines()[-1].strip()}") from None

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from cmunet.config import ConfigError, from_dict
 from cmunet.data.preprocess import PreprocessConfig
+from cmunet.models.export import read_weights
 from cmunet.models.unet import UNet
 from cmunet.tracking.mlflow_run import resolve_uri
 from cmunet.tracking.registry import resolve
@@ -176,10 +176,7 @@ def read_preprocessing(path: Path) -> Preprocessing:
 
 def load_unet(weights: Path) -> UNet:
     """The segmentation UNet whose full state dict (2-class head included) is ``weights``."""
-    try:
-        state = load_file(weights)
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
+    state = read_weights(weights)
     head = state.get("head.weight")
     if head is None or head.shape[0] != 2:
         raise ValueError(f"{weights}: not a fine-tuned segmentation UNet (no 2-class head.weight); "

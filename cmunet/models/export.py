@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -55,12 +56,29 @@ def load_export(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, info) of an export folder, or of a bare ``.safetensors`` file (info = {})."""
     path = Path(folder)
     if path.is_file() and path.suffix == ".safetensors":
-        return load_file(path), {}
+        return read_weights(path), {}
     if not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} is not a pre-training export: {WEIGHTS} is missing "
                                 "(exports are written to OUT/export/ by launch/pretrain.py)")
-    info = json.loads((path / INFO).read_text()) if (path / INFO).is_file() else {}
-    return load_file(path / WEIGHTS), info
+    info = {}
+    if (path / INFO).is_file():
+        try:
+            info = json.loads((path / INFO).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path / INFO}: not valid JSON ({err}); the export is damaged: "
+                             "export again (launch/pretrain.py) or give its model.safetensors "
+                             "alone") from None
+    return read_weights(path / WEIGHTS), info
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a corrupt or truncated file is a ValueError naming it
+    (safetensors' own error says only what is wrong, not where)."""
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); it is damaged or "
+                         "not a weights file: write it again or give another one") from None
 
 
 @dataclass

@@ -11,7 +11,9 @@ One search, in order (see docs/tuning.md):
 2. Each hyper-parameter configuration (``search.lr`` x ``search.batch_size``, a grid or random
    draws) is one Ray trial, :func:`run_trial`: every fold is fine-tuned with :func:`fit` from the
    SAME initial state dict, and the objective ``cv_dice`` is the mean over folds of the best
-   validation Dice (:func:`cross_validate`). Failed trials are retried (``search.max_failures``).
+   validation Dice (:func:`cross_validate`). Each finished fold's score is saved in the trial's
+   Ray checkpoint: a trial retried after a failure (``search.max_failures``) or continued after
+   an interruption trains only its unfinished folds.
 3. The completed trial with the highest ``cv_dice`` wins. Its configuration is retrained on the
    whole pool for the median of its folds' best epochs, without validation; the weights after the
    last epoch are written to ``OUT/model``.
@@ -27,12 +29,14 @@ machines need no access to the tracking store.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
 import os
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -48,7 +52,7 @@ from ray.tune import ResultGrid
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from cmunet.config import check, flatten, save_config
+from cmunet.config import check, dump_config, flatten, save_config
 from cmunet.outdir import check_out
 from cmunet.preempt import Interrupted
 from cmunet.data.augment import AugmentConfig
@@ -187,24 +191,32 @@ def cv_metrics(scores: Sequence[FoldScore], current: float | None = None) -> dic
 
 def cross_validate(cfg: FinetuneConfig, folds: Folds, initial_state: dict[str, torch.Tensor],
                    report: Report | None = None, every_epoch: bool = False,
-                   device: torch.device | None = None) -> dict[str, float]:
+                   device: torch.device | None = None,
+                   done: Sequence[FoldScore] = ()) -> dict[str, float]:
     """Fine-tune every fold from the same ``initial_state`` (never from the previous fold's
     weights) and return :func:`cv_metrics` of all folds.
 
-    ``report`` receives the metrics once at the end, or with ``every_epoch`` after every epoch of
-    every fold (folds x epochs reports; the last one is the final result), which is what an early
-    stopping scheduler needs: at a given report count, every trial has trained the same folds for
-    the same epochs, so their running ``cv_dice`` are comparable.
+    ``done``: the scores of the first folds, already finished (an interrupted trial's, read back
+    by :func:`run_trial`); only the folds after them are trained. Every fold starts from the same
+    seed, so the result is the one of an uninterrupted run.
+
+    ``report`` receives the metrics after every fold (the last report is the final result), or
+    with ``every_epoch`` after every epoch of every fold (folds x epochs reports), which is what
+    an early stopping scheduler needs: at a given report count, every trial has trained the same
+    folds for the same epochs, so their running ``cv_dice`` are comparable. Either way the report
+    that ends fold k is the first with ``folds_done`` = k.
     """
-    scores: list[FoldScore] = []
-    for train_keys, val_keys in folds:
+    scores = list(done)
+    for train_keys, val_keys in folds[len(scores):]:
         on_epoch = None
         if report is not None and every_epoch:
             on_epoch = _epoch_reporter(scores, cfg.train.epochs, report)
         result = fit(cfg, train_keys, val_keys, initial_state, on_epoch, device)
         scores.append(FoldScore(result.best_val_dice, result.best_epoch))
+        if report is not None and not every_epoch:
+            report(cv_metrics(scores))
     metrics = cv_metrics(scores)
-    if report is not None and not every_epoch:
+    if report is not None and len(done) == len(folds):  # nothing left to train: the result again
         report(metrics)
     return metrics
 
@@ -228,11 +240,79 @@ def _epoch_reporter(scores: list[FoldScore], epochs: int, report: Report) -> Cal
 def run_trial(config: dict, *, settings: FinetuneConfig, folds: Folds,
               initial_state: dict[str, torch.Tensor], every_epoch: bool, threads: int) -> None:
     """What each Ray trial runs: :func:`cross_validate` with the trial's ``lr`` and
-    ``batch_size``, reporting to Ray Tune."""
+    ``batch_size``, reporting to Ray Tune.
+
+    The report that ends a fold carries a Ray checkpoint of the finished folds' scores, each
+    under its :func:`fold_key`; a trial restored after an interruption (or retried after a
+    failure) reads them back and trains only the folds after them."""
     torch.set_num_threads(threads)
     cfg = replace(settings, train=replace(settings.train, lr=float(config["lr"]),
                                           batch_size=int(config["batch_size"])))
-    cross_validate(cfg, folds, initial_state, tune.report, every_epoch, ray_device())
+    weights = state_digest(initial_state)
+    keys = [fold_key(cfg, fold, weights) for fold in folds]
+    done = finished_folds(tune.get_checkpoint(), keys)
+    if done:
+        print(f"trial lr={cfg.train.lr:g} batch={cfg.train.batch_size}: folds 1-{len(done)} of "
+              f"{len(folds)} finished before, not trained again")
+    cross_validate(cfg, folds, initial_state, _checkpointing_report(keys, len(done)),
+                   every_epoch, ray_device(), done)
+
+
+FOLDS_FILE = "folds.json"  # in a trial's checkpoint: [{"key", "dice", "epoch"}] of finished folds
+
+
+def fold_key(cfg: FinetuneConfig, fold: tuple[list[str], list[str]], weights: str) -> str:
+    """What a fold's score depends on, hashed: the trial's resolved fine-tuning config (lr and
+    batch size included), the fold's training and validation keys and the initial weights
+    (:func:`state_digest`). A saved score is used again only under the same key."""
+    text = json.dumps({"config": dump_config(cfg), "train": fold[0], "validation": fold[1],
+                       "weights": weights})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, types, shapes and values."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def finished_folds(checkpoint: tune.Checkpoint | None, keys: Sequence[str]) -> list[FoldScore]:
+    """The scores of the first folds saved in a trial's ``checkpoint`` whose keys match ``keys``
+    (up to the first that does not); none without a checkpoint."""
+    if checkpoint is None:
+        return []
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / FOLDS_FILE
+        saved = json.loads(path.read_text()) if path.is_file() else []
+    done = []
+    for key, row in zip(keys, saved):
+        if row["key"] != key:
+            break
+        done.append(FoldScore(float(row["dice"]), int(row["epoch"])))
+    return done
+
+
+def _checkpointing_report(keys: Sequence[str], saved: int) -> Report:
+    """``tune.report``; a report that finishes a fold also carries a checkpoint of the scores of
+    every finished fold (:data:`FOLDS_FILE`), written atomically by Ray to the trial's storage."""
+    def report(metrics: dict) -> None:
+        nonlocal saved
+        finished = int(metrics["folds_done"])
+        if finished == saved:
+            tune.report(metrics)
+            return
+        rows = [{"key": keys[k - 1], "dice": metrics[f"fold{k}_dice"],
+                 "epoch": metrics[f"fold{k}_best_epoch"]} for k in range(1, finished + 1)]
+        with tempfile.TemporaryDirectory(prefix="cmunet-folds-") as folder:
+            (Path(folder) / FOLDS_FILE).write_text(json.dumps(rows, indent=1) + "\n")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        saved = finished
+
+    return report
 
 
 # ---- the search on Ray -------------------------------------------------------------------------
@@ -288,10 +368,10 @@ def ray_session(search: SearchConfig) -> Iterator[None]:
     """Ray for the search: a cluster (``search.address``) or a local instance started here and
     shut down afterwards; an instance already running in this process is used as it is.
 
-    The local instance requires a token (Ray's token authentication): a random one made for this
-    session and kept in this process's environment (its workers inherit it), never written to a
-    file, unless RAY_AUTH_MODE / RAY_AUTH_TOKEN are set. Ray 2.x's servers listen on every
-    interface; the token is what keeps others out (docs/multinode.md)."""
+    The local instance listens on 127.0.0.1 only (:func:`loopback_node`) and requires a token
+    (Ray's token authentication: other users of the machine reach 127.0.0.1 too): a random one
+    made for this session and kept in this process's environment (its workers inherit it), never
+    written to a file, unless RAY_AUTH_MODE / RAY_AUTH_TOKEN are set (docs/multinode.md)."""
     if ray.is_initialized():
         yield
         return
@@ -299,13 +379,36 @@ def ray_session(search: SearchConfig) -> Iterator[None]:
         if search.address:
             ray.init(address=search.address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=search.num_cpus or None, include_dashboard=False,
-                     _temp_dir=str(Path(search.temp_dir).resolve()),
-                     logging_level=logging.WARNING)
+            with loopback_node():
+                ray.init(num_cpus=search.num_cpus or None, include_dashboard=False,
+                         _node_ip_address="127.0.0.1",
+                         _temp_dir=str(Path(search.temp_dir).resolve()),
+                         logging_level=logging.WARNING)
         try:
             yield
         finally:
             ray.shutdown()
+
+
+@contextmanager
+def loopback_node() -> Iterator[None]:
+    """Let ``ray.init(_node_ip_address="127.0.0.1")`` keep that address.
+
+    Ray's GCS server, raylet, agents and workers bind their servers to 127.0.0.1 when the node's
+    address is 127.0.0.1, and to every interface otherwise. But ``ray.init`` replaces a loopback
+    ``_node_ip_address`` by the machine's routable address
+    (``ray._private.services.resolve_ip_for_localhost``) unless Ray clusters are disabled
+    (``ray_constants.ENABLE_RAY_CLUSTER``, read once from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when
+    ray is imported; True on Linux). It is False only while ``ray.init`` runs; the processes Ray
+    starts are given the address explicitly. tests/test_listeners.py checks every listener."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 @contextmanager
