@@ -86,6 +86,9 @@ class StudyConfig:
     # true: one pre-training per arm (with the first seed) shared by every seed's fine-tuning --
     # cheaper, but the spread over seeds then leaves out the pre-training's own variance
     pretrain_once: bool = False
+    # true: a cell whose pre-training export does not exist yet is left for a later relaunch
+    # instead of pre-training now (the pre-training runs elsewhere, e.g. in the background)
+    defer_pretraining: bool = False
     tune_config: str = "configs/tune/cpu.yaml"
     tune_overrides: list[str] = field(default_factory=list)
     # fine-tuning length grows for small budgets: each fold's training sees at least this many
@@ -106,6 +109,10 @@ class StudyConfig:
         for budget in self.budgets + [c.split("@")[-1] for c in self.extra_cells]:
             check(budget == "all" or budget.isdigit() or "-" in budget, "budgets",
                   f"entry {budget!r} must be 'all', a number of images or a PT-FT ratio")
+
+
+class Deferred(Exception):
+    """A cell waits for a pre-training that runs elsewhere (``defer_pretraining``)."""
 
 
 @dataclass(frozen=True)
@@ -212,8 +219,12 @@ def run_study(cfg: StudyConfig, log=print) -> Path:
         if done.exists():
             log(f"[{number}/{len(todo)}] {cell.name}: done, skipped")
             continue
+        try:
+            export = pretrain(cfg, cell, out, log)
+        except Deferred as why:
+            log(f"[{number}/{len(todo)}] {cell.name}: deferred, {why}")
+            continue
         log(f"[{number}/{len(todo)}] {cell.name}")
-        export = pretrain(cfg, cell, out, log)
         finetune(cfg, cell, export, out, log)
     return report(cfg, out)
 
@@ -241,6 +252,8 @@ def pretrain(cfg: StudyConfig, cell: Cell, out: Path, log) -> str:
             return pretrain(cfg, shared, out, log)
         export = out / "pretrain" / pretrain_name(cfg, shared)[0] / "exports" / arm.export
         if not (export / "model.safetensors").exists():
+            if cfg.defer_pretraining:
+                raise Deferred(f"{export} does not exist yet")
             pretrain(cfg, shared, out, log)
         if not (export / "model.safetensors").exists():
             raise FileNotFoundError(f"{export} was not written by the pre-training of "
@@ -254,6 +267,8 @@ def pretrain(cfg: StudyConfig, cell: Cell, out: Path, log) -> str:
     export = folder / "export"
     if (export / "model.safetensors").exists():
         return str(export)
+    if cfg.defer_pretraining:
+        raise Deferred(f"{export} does not exist yet")
     config = ROOT / cfg.pretrain_config.format(method=arm.method)
     command = pretrain_command(cfg.pretrain_launcher, config, [
         *job_overrides(cfg.data.shards, pretrain_ratio(cfg, cell.budget), folder, cfg.tracking,

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 from cmunet.config import load_config
 from cmunet.data.splits import load_splits, pool_keys
-from cmunet.study import (Arm, Cell, StudyConfig, StudyData, arm_of, budget_keys, cells, collect,
+from cmunet.study import (Arm, Cell, Deferred, StudyConfig, StudyData, arm_of, budget_keys, cells, collect,
                           pretrain_data, pretrain_name, pretrain_ratio, table)
 from cmunet.training.finetune import FinetuneConfig, patients_of
 from cmunet.training.pretrain_config import PretrainConfig
@@ -83,6 +84,12 @@ def test_dose_arms_use_the_periodic_exports_of_one_pretraining(tmp_path):
     assert not ran  # nothing was pre-trained again
     with pytest.raises(FileNotFoundError, match="export_epochs"):
         pretrain(cfg, Cell("d9", "4", 0), tmp_path, ran.append)
+    waiting = replace(cfg, defer_pretraining=True)
+    with pytest.raises(Deferred, match="epoch_0009 does not exist yet"):
+        pretrain(waiting, Cell("d9", "4", 0), tmp_path, ran.append)
+    with pytest.raises(Deferred, match="export does not exist yet"):
+        pretrain(waiting, Cell("mae", "4", 0), tmp_path, ran.append)  # never pre-trained here
+    assert not ran
 
 
 def test_budgets_come_from_several_patients_and_nest(tiny_shards):
