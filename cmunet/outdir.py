@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -50,6 +51,24 @@ def check_out(out: str | Path, inputs: Mapping[str, str | Path | None], overwrit
                               "replaces only an empty folder or an earlier output of this tool. "
                               "Choose another --out or remove the folder yourself")
     return out
+
+
+def check_private(folder: Path, what: str) -> None:
+    """Refuse state that is read back with pickle (Ray Tune's search state) unless this user
+    wrote it: every file and folder under ``folder`` must belong to this user, be writable by
+    nobody else and not be a symbolic link. On a shared file system anyone who can write there
+    could otherwise plant a file that runs code when the search resumes."""
+    uid = os.getuid()
+    for path in [folder, *sorted(folder.rglob("*"))]:
+        status = path.lstat()
+        problem = ("is a symbolic link" if stat.S_ISLNK(status.st_mode) else
+                   "belongs to another user" if status.st_uid != uid else
+                   "is writable by other users" if status.st_mode & 0o022 else "")
+        if problem:
+            raise ValueError(f"{path} {problem}: {what} is read back with pickle, so it is only "
+                             "resumed from files that you alone can have written; check where "
+                             "it came from, then fix it (chmod -R go-w) or start over with a new "
+                             "out=")
 
 
 def temp_sibling(out: Path, kind: str = "tmp") -> Path:

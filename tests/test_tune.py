@@ -381,3 +381,25 @@ def test_sigterm_mid_search_then_relaunch_skips_finished_trials_and_folds(wide_s
     with (tmp_path / "OUT" / "trials.csv").open() as f:
         assert [row["status"] for row in csv.DictReader(f)] == ["COMPLETED", "COMPLETED"]
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_search_state_is_resumed_only_from_this_users_files(tmp_path):
+    """Ray Tune unpickles its saved state: a file others could have planted is refused."""
+    import os
+
+    from cmunet.outdir import check_private
+
+    state = tmp_path / "search"
+    (state / "trial").mkdir(parents=True)
+    (state / "tuner.pkl").write_bytes(b"state")
+    os.chmod(state, 0o755)
+    os.chmod(state / "trial", 0o755)
+    os.chmod(state / "tuner.pkl", 0o644)
+    check_private(state, "the search's saved state")  # written by this user: fine
+    os.chmod(state / "tuner.pkl", 0o666)
+    with pytest.raises(ValueError, match="tuner.pkl is writable by other users"):
+        check_private(state, "the search's saved state")
+    os.chmod(state / "tuner.pkl", 0o644)
+    (state / "trial" / "link.pkl").symlink_to(state / "tuner.pkl")
+    with pytest.raises(ValueError, match="link.pkl is a symbolic link"):
+        check_private(state, "the search's saved state")

@@ -53,7 +53,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cmunet.config import check, dump_config, flatten, save_config
-from cmunet.outdir import check_out
+from cmunet.outdir import check_out, check_private
 from cmunet.preempt import Interrupted
 from cmunet.data.augment import AugmentConfig
 from cmunet.data.splits import load_splits, pool_keys
@@ -472,6 +472,8 @@ def search(cfg: TuneConfig, settings: FinetuneConfig, folds: Folds,
     function = tune.with_resources(function, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
     path = f"{(s.storage or str(Path(cfg.out) / 'ray')).rstrip('/')}/search"
     if tune.Tuner.can_restore(path):  # a relaunch: finished trials are kept, the rest resumed
+        if "://" not in path:  # Ray unpickles its state: only from files this user wrote
+            check_private(Path(path), "the search's saved state")
         tuner = tune.Tuner.restore(path, function, resume_unfinished=True, resume_errored=True,
                                    param_space=param_space(s))
         return trials_table(_fit(tuner, path), len(folds))
