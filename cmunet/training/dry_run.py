@@ -11,6 +11,7 @@ import math
 import os
 from pathlib import Path
 
+from cmunet.data import location
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import load_manifest
 from cmunet.outdir import check_out
@@ -25,7 +26,7 @@ def pretrain_plan(cfg: PretrainConfig, world_size: int | None = None) -> dict:
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     check_out(cfg.out, {"data.shards": cfg.data.shards})
     load_manifest(cfg.data.shards)
-    keys = pool_keys(load_splits(Path(cfg.data.shards) / "splits.json"), cfg.data.pool,
+    keys = pool_keys(load_splits(location.join(cfg.data.shards, "splits.json")), cfg.data.pool,
                      cfg.data.ratio)
     extra = {folder: load_manifest(folder)["count"] for folder in cfg.data.extra_shards}
     pool = len(keys) + sum(extra.values())
@@ -66,7 +67,7 @@ def search_plan(cfg) -> str:
 
     init = None if cfg.init == "none" or is_mlflow_uri(cfg.init) else cfg.init
     check_out(cfg.out, {"data.shards": cfg.data.shards, "init": init})
-    splits = load_splits(Path(cfg.data.shards) / "splits.json")
+    splits = load_splits(location.join(cfg.data.shards, "splits.json"))
     pool = pool_keys(splits, "finetune", cfg.data.ratio)
     folds = patient_folds(pool, patients_of(cfg.data.shards), s.folds, cfg.seed, lambda m: None)
     if s.mode == "grid":

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cmunet.config import dump_config, flatten, save_config
+from cmunet.data import location
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import ShardStream, load_manifest, make_loader
 from cmunet.methods import build_method
@@ -76,7 +77,7 @@ class _Run:
         self.log = print if info.is_main else (lambda *a, **k: None)
         torch.manual_seed(cfg.seed)
         self.manifest = load_manifest(cfg.data.shards)
-        splits = load_splits(Path(cfg.data.shards) / "splits.json")
+        splits = load_splits(location.join(cfg.data.shards, "splits.json"))
         self.keys = pool_keys(splits, cfg.data.pool, cfg.data.ratio)
         self.stream = ShardStream(cfg.data.shards, self.keys, t.micro_batch, seed=cfg.seed,
                                   extra=[(folder, None) for folder in cfg.data.extra_shards],

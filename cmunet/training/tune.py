@@ -51,6 +51,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from cmunet.config import check, flatten, save_config
 from cmunet.outdir import check_out
 from cmunet.preempt import Interrupted
+from cmunet.data import location
 from cmunet.data.augment import AugmentConfig
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.tracking.mlflow_run import Tracker, TrackingConfig, resolve_uri
@@ -464,7 +465,7 @@ def absolute(cfg: TuneConfig) -> TuneConfig:
     if init != "none" and not is_mlflow_uri(init):
         init = str(Path(init).resolve())
     return replace(cfg, init=init, out=str(Path(cfg.out).resolve()),
-                   data=replace(cfg.data, shards=str(Path(cfg.data.shards).resolve())),
+                   data=replace(cfg.data, shards=location.absolute(cfg.data.shards)),
                    tracking=replace(cfg.tracking, uri=resolve_uri(cfg.tracking.uri)))
 
 
@@ -489,7 +490,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print,
     log(f"init: {cfg.init}, width {model.width} "
         + (f"({report.summary()})" if report else f"(random weights, seed {cfg.seed})"))
     initial_state = cpu_state(model)
-    splits = load_splits(Path(cfg.data.shards) / "splits.json")
+    splits = load_splits(location.join(cfg.data.shards, "splits.json"))
     pool = sorted(keys) if keys is not None else pool_keys(splits, "finetune", cfg.data.ratio)
     if set(pool) & set(splits["test"]["keys"]):
         raise ValueError("the keys to search on include test-split images: the test split is "
