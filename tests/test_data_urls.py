@@ -124,6 +124,8 @@ def test_shard_out_s3_uploads_the_set_and_refuses_to_overwrite(s3, s3_shards, ti
     assert "not written by this tool" in capsys.readouterr().err
     assert shard([*args[:3], "http://127.0.0.1:1/x", *args[4:]]) == 2
     assert "read only" in capsys.readouterr().err
+    assert shard([*args[:3], "s3://no-such-bucket/x", *args[4:]]) == 2
+    assert "uploading to s3://no-such-bucket/x failed" in capsys.readouterr().err
 
 
 def test_shard_out_s3_overwrite_replaces_the_set_manifest_last(s3, tiny_folder, capsys):

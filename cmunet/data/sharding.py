@@ -48,7 +48,7 @@ class ShardConfig:
     images: str = ""  # folder of PNG/JPEG/TIFF/DICOM images
     masks: str | None = None  # folder of binary masks with the images' stems
     meta: str | None = None  # CSV or JSON: image -> patient (and pixel spacing)
-    out: str = ""
+    out: str = ""  # output folder, or an object-store URL (s3://, gs://): built here, uploaded
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     workers: int = 0  # processes; 0 = every core
     skip_bad: bool = False  # skip (and list) bad files instead of stopping
@@ -154,7 +154,10 @@ def _build_remote(cfg: ShardConfig, salt: str | None, log) -> dict:
         local = Path(tmp) / "out"
         manifest = build_shards(replace(cfg, out=str(local), overwrite=False), salt, log)
         save_config(cfg, local / "config.yaml")  # names the URL, not the temporary folder
-        location.upload(local, target, log=log)
+        try:
+            location.upload(local, target, log=log)
+        except OSError as err:  # no such bucket, no permission, no connection
+            raise OutputError(f"uploading to {location.public(target)} failed: {err}") from None
     return manifest
 
 

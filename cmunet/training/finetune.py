@@ -51,7 +51,7 @@ PREPROCESSING = "preprocessing.json"
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # folder written by tools/shard.py (manifest.json, splits.json, shard-*.tar)
+    shards: str = ""  # shard set of tools/shard.py: folder or URL (s3://, gs://, https://, pipe:)
     ratio: str = "79-1"  # PT-FT ratio whose fine-tuning pool is trained on
     val_fraction: float = 0.2  # share of the pool's images held out (by patient) for validation
     num_workers: int = 0  # DataLoader worker processes

@@ -34,7 +34,7 @@ class ModelConfig:
 
 @dataclass
 class PretrainData:
-    shards: str = ""  # folder written by tools/shard.py
+    shards: str = ""  # shard set of tools/shard.py: folder or URL (s3://, gs://, https://, pipe:)
     ratio: str = "79-1"  # PT-FT ratio whose pool is used (splits.json)
     pool: Literal["pretrain", "train"] = "pretrain"  # train = every non-test sample
     # more unlabeled images: every sample of these shard folders joins the pool (synthetic
