@@ -229,11 +229,14 @@ def _epoch_reporter(scores: list[FoldScore], epochs: int, report: Report) -> Cal
 def run_trial(config: dict, *, settings: FinetuneConfig, folds: Folds,
               initial_state: dict[str, torch.Tensor], every_epoch: bool, threads: int) -> None:
     """What each Ray trial runs: :func:`cross_validate` with the trial's ``lr`` and
-    ``batch_size``, reporting to Ray Tune."""
+    ``batch_size``, reporting to Ray Tune (with the id of the Ray node it runs on)."""
     torch.set_num_threads(threads)
     cfg = replace(settings, train=replace(settings.train, lr=float(config["lr"]),
                                           batch_size=int(config["batch_size"])))
-    cross_validate(cfg, folds, initial_state, tune.report, every_epoch, ray_device())
+    node = ray.get_runtime_context().get_node_id()
+    cross_validate(cfg, folds, initial_state, lambda metrics: tune.report({**metrics,
+                                                                           "node_id": node}),
+                   every_epoch, ray_device())
 
 
 # ---- the search on Ray -------------------------------------------------------------------------
