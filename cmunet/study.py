@@ -33,6 +33,7 @@ import numpy as np
 
 from cmunet.config import check, load_config, save_config
 from cmunet.data.overlap import refuse_test_overlap
+from cmunet.data import location
 from cmunet.data.splits import load_splits, parse_ratio, pool_keys
 from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
 from cmunet.training.probe import ProbeConfig
@@ -195,7 +196,7 @@ def pretrain_data(cfg: StudyConfig) -> list[str]:
     still names the test split they are checked against)."""
     if not cfg.data.pretrain_shards:
         return []
-    folders = ", ".join(str(Path(f).resolve()) for f in cfg.data.pretrain_shards)
+    folders = ", ".join(location.absolute(f) for f in cfg.data.pretrain_shards)
     return ["data.pool=none", f"data.extra_shards=[{folders}]"]
 
 
@@ -285,7 +286,7 @@ def finetune(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> dict:
     from cmunet.training.tune import TuneConfig, run_tune
 
     arm = arm_of(cfg, cell.arm)
-    splits = load_splits(Path(cfg.data.shards) / "splits.json")
+    splits = load_splits(location.join(cfg.data.shards, "splits.json"))
     keys = budget_keys(splits, cfg.data.ratio, cell.budget, patients_of(cfg.data.shards),
                        cell.seed)
     tune_cfg = load_config(TuneConfig, ROOT / cfg.tune_config, [

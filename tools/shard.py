@@ -5,9 +5,10 @@
                           [--workers N] [--skip-bad] [--test-list FILE] [--require-patient]
                           [key=value ...]
 
-Writes OUT/shard-*.tar, OUT/manifest.json, OUT/splits.json and OUT/config.yaml. Any key of the
-shard config can also be set as key=value, e.g. preprocess.unsharp_amount=3 preprocess.fit=crop.
-See docs/data.md.
+Writes OUT/shard-*.tar, OUT/manifest.json, OUT/splits.json and OUT/config.yaml. OUT may be an
+object-store URL (s3://bucket/xca512, gs://...): the set is built locally, then uploaded. Any key
+of the shard config can also be set as key=value, e.g. preprocess.unsharp_amount=3
+preprocess.fit=crop. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", help="folder of images (PNG, JPEG, TIFF, DICOM)")
     parser.add_argument("--masks", help="folder of binary masks named like their images")
     parser.add_argument("--meta", help="CSV (image,patient[,spacing_mm]) or JSON metadata")
-    parser.add_argument("--out", help="output folder (must not exist, unless --overwrite)")
+    parser.add_argument("--out", help="output folder or object-store URL (s3://, gs://): must "
+                        "not exist, unless --overwrite")
     parser.add_argument("--size", type=int, help="output side in pixels (default: the first image's shorter side)")
     parser.add_argument("--workers", type=int, help="processes (default: every core)")
     parser.add_argument("--shard-size", type=int, help="samples per shard (default: auto)")

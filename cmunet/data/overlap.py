@@ -14,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from cmunet.data import location
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import load_manifest
 
 
 def split_test_hashes(shards: str | Path) -> dict[str, str]:
     """``{source SHA-256: test key}`` of the test split of ``shards``."""
-    test = set(pool_keys(load_splits(Path(shards) / "splits.json"), "test"))
+    test = set(pool_keys(load_splits(location.join(shards, "splits.json")), "test"))
     return {s["sha256"]: s["key"] for s in load_manifest(shards)["samples"]
             if s["key"] in test and s.get("sha256")}
 

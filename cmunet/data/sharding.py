@@ -6,8 +6,9 @@ The output folder holds ``shard-NNNNNN.tar`` files, ``manifest.json``, ``splits.
 Everything is written to a temporary folder beside the output and renamed at the end, so a failed
 or terminated (SIGTERM) run leaves nothing behind; a later run removes the temporary folders of
 killed runs (SIGKILL). ``overwrite`` replaces only an empty folder or an earlier output of this
-tool (see :mod:`cmunet.outdir`), never an input. Intensity statistics (for the dataset z-score) are computed over the
-non-test samples only.
+tool (see :mod:`cmunet.outdir`), never an input. An output URL (``s3://``, ``gs://``) is built
+locally, then uploaded with the manifest last. Intensity statistics (for the dataset z-score) are
+computed over the non-test samples only.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import os
 import shutil
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from multiprocessing import Pool
@@ -30,11 +32,12 @@ from PIL import Image
 
 import cmunet
 from cmunet.config import check, save_config, to_dict
+from cmunet.data import location
 from cmunet.data.io import IMAGE_SUFFIXES, BadInput, find_images, read_frames, read_mask
 from cmunet.data.meta import ImageMeta, load_meta, sample_key
 from cmunet.data.preprocess import PreprocessConfig, preprocess_image, preprocess_mask
 from cmunet.data.splits import PAPER_RATIOS, SampleInfo, make_splits, save_splits
-from cmunet.outdir import check_out, remove_stale, temp_sibling
+from cmunet.outdir import OutputError, check_out, remove_stale, temp_sibling
 from cmunet.preempt import default_sigterm, sigterm_exits
 
 FORMAT = "cmunet-shards/1"
@@ -45,7 +48,7 @@ class ShardConfig:
     images: str = ""  # folder of PNG/JPEG/TIFF/DICOM images
     masks: str | None = None  # folder of binary masks with the images' stems
     meta: str | None = None  # CSV or JSON: image -> patient (and pixel spacing)
-    out: str = ""
+    out: str = ""  # output folder, or an object-store URL (s3://, gs://): built here, uploaded
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     workers: int = 0  # processes; 0 = every core
     skip_bad: bool = False  # skip (and list) bad files instead of stopping
@@ -95,7 +98,10 @@ class Sample:
 
 def build_shards(cfg: ShardConfig, salt: str | None = None, log=print) -> dict:
     """Run the whole job; returns the manifest. Raises BadInput on the first bad file unless
-    ``cfg.skip_bad``."""
+    ``cfg.skip_bad``. An ``out`` URL (``s3://``, ``gs://``, ...) is written in a local temporary
+    folder first, then uploaded (:func:`cmunet.data.location.upload`: manifest last)."""
+    if location.is_url(cfg.out):
+        return _build_remote(cfg, salt, log)
     start = time.perf_counter()
     out = check_out(cfg.out, {"images": cfg.images, "masks": cfg.masks, "meta": cfg.meta,
                               "test_list": cfg.test_list}, cfg.overwrite, is_shard_output,
@@ -133,13 +139,44 @@ def build_shards(cfg: ShardConfig, salt: str | None = None, log=print) -> dict:
     return manifest
 
 
+def _build_remote(cfg: ShardConfig, salt: str | None, log) -> dict:
+    """Build in a local temporary folder, then upload to the URL ``cfg.out``. The same rule as
+    for a folder: an existing set is replaced only with ``overwrite``, other files never."""
+    target = cfg.out
+    try:
+        empty = location.remote_is_empty(target)
+    except ValueError as err:  # a read-only protocol, a password in the URL
+        raise OutputError(str(err)) from None
+    if not empty:
+        where = location.public(target)
+        if not cfg.overwrite:
+            raise OutputError(f"{where} already exists; choose another --out or pass --overwrite")
+        if not _is_shard_manifest(lambda: location.read_bytes(target, "manifest.json")):
+            raise OutputError(f"{where} is not empty and was not written by this tool; "
+                              "--overwrite replaces only an earlier output of this tool. Choose "
+                              "another --out or remove its files yourself")
+    with tempfile.TemporaryDirectory(prefix="cmunet-shards-") as tmp:
+        local = Path(tmp) / "out"
+        manifest = build_shards(replace(cfg, out=str(local), overwrite=False), salt, log)
+        save_config(cfg, local / "config.yaml")  # names the URL, not the temporary folder
+        try:
+            location.upload(local, target, log=log)
+        except OSError as err:  # no such bucket, no permission, no connection
+            raise OutputError(f"uploading to {location.public(target)} failed: {err}") from None
+    return manifest
+
+
+def _is_shard_manifest(read) -> bool:
+    try:
+        return json.loads(read()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def is_shard_output(folder: Path) -> bool:
     """Whether ``folder`` holds a manifest.json written by this tool (what --overwrite may
     replace)."""
-    try:
-        return json.loads((folder / "manifest.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return _is_shard_manifest((folder / "manifest.json").read_text)
 
 
 def _write(cfg, files, masks, meta, salt, tmp: Path, log) -> dict:

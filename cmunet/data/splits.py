@@ -138,10 +138,15 @@ def save_splits(document: dict, path: str | Path) -> None:
 
 
 def load_splits(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: build shards with tools/shard.py first")
-    return json.loads(path.read_text())
+    """A ``splits.json``: a path or a URL (``location.join(shards, "splits.json")``, see
+    :mod:`cmunet.data.location`)."""
+    from cmunet.data import location
+
+    try:
+        return json.loads(location.read_file(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location.public(path)} does not exist: build shards with "
+                                "tools/shard.py first") from None
 
 
 def pool_keys(splits: dict, pool: str, ratio: str | None = None) -> list[str]:

@@ -24,8 +24,9 @@ consecutive slices of the passes (each pass with its own order). To resume mid-e
 delivered before decoding them; the result is identical to the uninterrupted run for the same
 number of workers.
 
-Samples are decoded from PNG here (16-bit kept: WebDataset's own decoders would cut it to 8 bits)
-and z-scored with each folder's manifest statistics. Only ``image.png``, ``mask.png`` and
+A shard set is a local folder or a URL (``s3://``, ``gs://``, ``http(s)://``, ``pipe:``): see
+:mod:`cmunet.data.location`. Samples are decoded from PNG here (16-bit kept: WebDataset's own
+decoders would cut it to 8 bits) and z-scored with each folder's manifest statistics. Only ``image.png``, ``mask.png`` and
 ``sample.json`` are ever read; nothing is unpickled.
 """
 
@@ -43,9 +44,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from cmunet.data import location
 
 # transform(image float32 (H, W), mask bool (H, W) or None, rng) -> (image, mask)
 Transform = Callable[[np.ndarray, np.ndarray | None, np.random.Generator],
@@ -53,11 +55,14 @@ Transform = Callable[[np.ndarray, np.ndarray | None, np.random.Generator],
 
 
 def load_manifest(shards: str | Path) -> dict:
-    path = Path(shards) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {shards} a folder written by "
-                                "tools/shard.py?")
-    return json.loads(path.read_text())
+    """The ``manifest.json`` of the shard set at ``shards`` (a folder or a URL: see
+    :mod:`cmunet.data.location`)."""
+    try:
+        return json.loads(location.read_bytes(shards, "manifest.json"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location.public(location.join(shards, 'manifest.json'))} does "
+                                f"not exist: is {location.public(shards)} a shard set written by "
+                                "tools/shard.py?") from None
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -87,7 +92,7 @@ class _Decoder:
 
     def __call__(self, raw: dict) -> tuple[str, np.ndarray, np.ndarray | None]:
         key = raw["__key__"]
-        where = f"{raw.get('__url__', 'shard')}: sample {key}"
+        where = f"{location.public(raw.get('__url__', 'shard'))}: sample {key}"
         if "image.png" not in raw:
             raise ValueError(f"{where} has no image.png (members: "
                              f"{', '.join(k for k in raw if not k.startswith('__'))}); "
@@ -275,7 +280,7 @@ class ShardStream(IterableDataset):
         for source, url, keys in pieces:
             wanted = set(keys)
             found = 0
-            samples = wds.tarfile_to_samples()(iter([{"url": url}]))
+            samples = location.tar_samples(url)
             try:
                 for sample in samples:
                     if sample["__key__"] in wanted:
@@ -286,8 +291,8 @@ class ShardStream(IterableDataset):
             finally:
                 samples.close()
             if found < len(wanted):
-                raise ValueError(f"{url} lacks {len(wanted) - found} of the samples its "
-                                 "manifest lists: the shard folder is damaged; rebuild it with "
+                raise ValueError(f"{location.public(url)} lacks {len(wanted) - found} of the "
+                                 "samples its manifest lists: the shard folder is damaged; rebuild it with "
                                  "tools/shard.py")
 
 
@@ -333,7 +338,7 @@ def _source(folder: str | Path, keys: Iterable[str] | None, weight: float,
     for sample in manifest["samples"]:  # manifest order = tar order
         if sample["key"] in chosen:
             by_shard.setdefault(sample["shard"], []).append(sample["key"])
-    shards = tuple((str(Path(folder) / name), tuple(keys)) for name, keys in by_shard.items())
+    shards = tuple((location.join(folder, name), tuple(keys)) for name, keys in by_shard.items())
     return _Source(str(folder), _Decoder(manifest["mean"], manifest["std"], with_masks),
                    shards, weight)
 
@@ -371,8 +376,8 @@ class InMemorySet(Dataset):
         missing = [k for k in wanted if k not in by_key]
         if missing:
             raise ValueError(f"{len(missing)} keys are not in {shards} (e.g. {missing[0]})")
-        urls = sorted({str(Path(shards) / by_key[k]["shard"]) for k in wanted})
-        raw = {s["__key__"]: s for s in wds.tarfile_to_samples()(iter({"url": u} for u in urls))
+        urls = sorted({location.join(shards, by_key[k]["shard"]) for k in wanted})
+        raw = {s["__key__"]: s for u in urls for s in location.tar_samples(u)
                if s["__key__"] in selected}
         decoder = _Decoder(manifest["mean"], manifest["std"], with_masks)
         self.items = [decoder(raw[k]) for k in wanted]

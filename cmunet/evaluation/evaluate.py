@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from cmunet.config import flatten, read_yaml_mapping, save_config
+from cmunet.data import location
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import InMemorySet, collate, load_manifest
 from cmunet.evaluation.figures import bland_altman_plot, save_overlays
@@ -84,7 +85,7 @@ def run_evaluation(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> d
                              "data.shards=SHARDS")
     out = Path(cfg.out)
     model = load_finetuned(cfg.model)
-    keys = pool_keys(load_splits(Path(cfg.data.shards) / "splits.json"), cfg.eval.pool,
+    keys = pool_keys(load_splits(location.join(cfg.data.shards, "splits.json")), cfg.eval.pool,
                      cfg.data.ratio)
     data, keep, excluded = usable_samples(cfg.data.shards, keys)
     if not keep:

@@ -11,6 +11,7 @@ import math
 import os
 from pathlib import Path
 
+from cmunet.data import location
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.outdir import check_out
 from cmunet.training import checkpoint as ckpt
@@ -65,7 +66,7 @@ def search_plan(cfg) -> str:
 
     init = None if cfg.init == "none" or is_mlflow_uri(cfg.init) else cfg.init
     check_out(cfg.out, {"data.shards": cfg.data.shards, "init": init})
-    splits = load_splits(Path(cfg.data.shards) / "splits.json")
+    splits = load_splits(location.join(cfg.data.shards, "splits.json"))
     pool = pool_keys(splits, "finetune", cfg.data.ratio)
     folds = patient_folds(pool, patients_of(cfg.data.shards), s.folds, cfg.seed, lambda m: None)
     if s.mode == "grid":

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from cmunet.config import ConfigError, check, dump_config, flatten, save_config
+from cmunet.data import location
 from cmunet.data.augment import AugmentConfig, make_augment
 from cmunet.data.splits import POOLS, load_splits, parse_ratio, pool_keys
 from cmunet.data.stream import InMemorySet, collate, load_manifest
@@ -50,7 +51,7 @@ PREPROCESSING = "preprocessing.json"
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # folder written by tools/shard.py (manifest.json, splits.json, shard-*.tar)
+    shards: str = ""  # shard set of tools/shard.py: folder or URL (s3://, gs://, https://, pipe:)
     ratio: str = "79-1"  # PT-FT ratio whose fine-tuning pool is trained on
     val_fraction: float = 0.2  # share of the pool's images held out (by patient) for validation
     num_workers: int = 0  # DataLoader worker processes
@@ -339,7 +340,7 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Fit
     cfg = replace(cfg, model_width=model.width)  # the resolved config names the width used
     log(f"init: {cfg.init}, width {model.width} "
         + (f"({report.summary()})" if report else "(random weights)"))
-    pool = pool_keys(load_splits(Path(cfg.data.shards) / "splits.json"), "finetune",
+    pool = pool_keys(load_splits(location.join(cfg.data.shards, "splits.json")), "finetune",
                      cfg.data.ratio)
     patient_of = patients_of(cfg.data.shards)
     train_keys, val_keys = carve_validation(pool, patient_of, cfg.data.val_fraction, cfg.seed, log)

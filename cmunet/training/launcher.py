@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cmunet.data import location
 from cmunet.tracking.mlflow_run import TrackingConfig
 from cmunet.training.distributed import free_port
 
@@ -36,7 +37,7 @@ def pretrain_command(launcher: str, config: str | Path, overrides: list[str]) ->
 def job_overrides(shards: str | Path, ratio: str, out: str | Path, tracking: TrackingConfig,
                   run_name: str) -> list[str]:
     """The keys every chained job (pre-training, search) gets: its data, output and MLflow run."""
-    return [f"data.shards={Path(shards).resolve()}", f"data.ratio={ratio}", f"out={out}",
+    return [f"data.shards={location.absolute(shards)}", f"data.ratio={ratio}", f"out={out}",
             f"tracking.uri={tracking.uri}", f"tracking.experiment={tracking.experiment}",
             f"tracking.run_name={run_name}"]
 

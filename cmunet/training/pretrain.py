@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cmunet.config import dump_config, flatten, save_config
+from cmunet.data import location
 from cmunet.data.overlap import refuse_test_overlap
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import ShardStream, load_manifest, make_loader
@@ -69,7 +70,7 @@ def pretrain_stream(cfg: PretrainConfig, rank: int, world_size: int) -> ShardStr
     ``data.pool=none``), then the extra folders with their weights."""
     t = cfg.train
     keys = [] if cfg.data.pool == "none" else pool_keys(
-        load_splits(Path(cfg.data.shards) / "splits.json"), cfg.data.pool, cfg.data.ratio)
+        load_splits(location.join(cfg.data.shards, "splits.json")), cfg.data.pool, cfg.data.ratio)
     weights = cfg.data.extra_weights or [1.0] * len(cfg.data.extra_shards)
     # (folder, keys or None = all, visits per epoch): the pool, then the extra folders
     sources = ([] if cfg.data.pool == "none" else [(cfg.data.shards, keys, 1.0)]) + [
@@ -93,7 +94,7 @@ class _Run:
         self.log = print if info.is_main else (lambda *a, **k: None)
         torch.manual_seed(cfg.seed)
         self.manifest = load_manifest(cfg.data.shards)
-        splits = load_splits(Path(cfg.data.shards) / "splits.json")
+        splits = load_splits(location.join(cfg.data.shards, "splits.json"))
         refuse_test_overlap(cfg.data.shards, cfg.data.extra_shards)
         self.stream = pretrain_stream(cfg, info.rank, info.world_size)
         self.pool_size = self.stream.epoch_size  # samples of one pass (extra folders weighted)

@@ -34,7 +34,8 @@ class ModelConfig:
 
 @dataclass
 class PretrainData:
-    shards: str = ""  # folder written by tools/shard.py: its test split is never pre-trained on
+    shards: str = ""  # shard set of tools/shard.py, folder or URL (s3://, gs://, https://, pipe:);
+    # its test split is never pre-trained on
     ratio: str = "79-1"  # PT-FT ratio whose pool is used (splits.json)
     # train = every non-test sample; none = no sample of `shards` (pre-train on extra_shards only,
     # e.g. an archive from elsewhere; `shards` then only names the test split and the probe's pool)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cmunet.config import check
+from cmunet.data import location
 from cmunet.data.augment import AugmentConfig
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.models.export import load_into
@@ -38,7 +39,7 @@ def probe_keys(shards: str, ratio: str, cfg: ProbeConfig, seed: int) -> tuple[li
     """(train, validation) keys: both from the fine-tuning pool of ``ratio``, split by patient."""
     from cmunet.training.finetune import carve_validation, patients_of
 
-    pool = pool_keys(load_splits(f"{shards}/splits.json"), "finetune", ratio)
+    pool = pool_keys(load_splits(location.join(shards, "splits.json")), "finetune", ratio)
     fraction = cfg.validation / max(len(pool), 1)
     train, val = carve_validation(pool, patients_of(shards), min(max(fraction, 0.05), 0.5), seed,
                                   warn=lambda _: None)

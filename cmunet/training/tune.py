@@ -55,6 +55,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from cmunet.config import check, dump_config, flatten, save_config
 from cmunet.outdir import check_out, check_private
 from cmunet.preempt import Interrupted
+from cmunet.data import location
 from cmunet.data.augment import AugmentConfig
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.tracking.mlflow_run import Tracker, TrackingConfig, resolve_uri
@@ -240,7 +241,7 @@ def _epoch_reporter(scores: list[FoldScore], epochs: int, report: Report) -> Cal
 def run_trial(config: dict, *, settings: FinetuneConfig, folds: Folds,
               initial_state: dict[str, torch.Tensor], every_epoch: bool, threads: int) -> None:
     """What each Ray trial runs: :func:`cross_validate` with the trial's ``lr`` and
-    ``batch_size``, reporting to Ray Tune.
+    ``batch_size``, reporting to Ray Tune (with the id of the Ray node it runs on).
 
     The report that ends a fold carries a Ray checkpoint of the finished folds' scores, each
     under its :func:`fold_key`; a trial restored after an interruption (or retried after a
@@ -254,7 +255,8 @@ def run_trial(config: dict, *, settings: FinetuneConfig, folds: Folds,
     if done:
         print(f"trial lr={cfg.train.lr:g} batch={cfg.train.batch_size}: folds 1-{len(done)} of "
               f"{len(folds)} finished before, not trained again")
-    cross_validate(cfg, folds, initial_state, _checkpointing_report(keys, len(done)),
+    node = ray.get_runtime_context().get_node_id()
+    cross_validate(cfg, folds, initial_state, _checkpointing_report(keys, len(done), node),
                    every_epoch, ray_device(), done)
 
 
@@ -296,11 +298,12 @@ def finished_folds(checkpoint: tune.Checkpoint | None, keys: Sequence[str]) -> l
     return done
 
 
-def _checkpointing_report(keys: Sequence[str], saved: int) -> Report:
+def _checkpointing_report(keys: Sequence[str], saved: int, node: str) -> Report:
     """``tune.report``; a report that finishes a fold also carries a checkpoint of the scores of
     every finished fold (:data:`FOLDS_FILE`), written atomically by Ray to the trial's storage."""
     def report(metrics: dict) -> None:
         nonlocal saved
+        metrics = {**metrics, "node_id": node}
         finished = int(metrics["folds_done"])
         if finished == saved:
             tune.report(metrics)
@@ -569,7 +572,7 @@ def absolute(cfg: TuneConfig) -> TuneConfig:
     if init != "none" and not is_mlflow_uri(init):
         init = str(Path(init).resolve())
     return replace(cfg, init=init, out=str(Path(cfg.out).resolve()),
-                   data=replace(cfg.data, shards=str(Path(cfg.data.shards).resolve())),
+                   data=replace(cfg.data, shards=location.absolute(cfg.data.shards)),
                    tracking=replace(cfg.tracking, uri=resolve_uri(cfg.tracking.uri)))
 
 
@@ -594,7 +597,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print,
     log(f"init: {cfg.init}, width {model.width} "
         + (f"({report.summary()})" if report else f"(random weights, seed {cfg.seed})"))
     initial_state = cpu_state(model)
-    splits = load_splits(Path(cfg.data.shards) / "splits.json")
+    splits = load_splits(location.join(cfg.data.shards, "splits.json"))
     pool = sorted(keys) if keys is not None else pool_keys(splits, "finetune", cfg.data.ratio)
     if set(pool) & set(splits["test"]["keys"]):
         raise ValueError("the keys to search on include test-split images: the test split is "
