@@ -239,6 +239,11 @@ def test_finetune_and_evaluate_end_to_end(tmp_path, tiny_shards):
     artifacts = {a.path for a in client.list_artifacts(runs["eval-pretrained"].info.run_id)}
     assert {"metrics.json", "per_image.csv", "overlays.png", "bland_altman.png"} <= artifacts
     assert "test_dice" in runs["eval-pretrained"].data.metrics
+    for name, context in (("scratch", "training"), ("eval-pretrained", "evaluation")):
+        run = client.get_run(runs[name].info.run_id)  # provenance (tests/test_tracking.py)
+        assert "mlflow.source.git.commit" in run.data.tags
+        inputs = run.inputs.dataset_inputs
+        assert [(i.dataset.name, i.tags[0].value) for i in inputs] == [(tiny_shards.name, context)]
 
 
 def test_evaluation_excludes_and_counts_images_without_ground_truth(tmp_path, tiny_folder,

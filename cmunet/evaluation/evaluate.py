@@ -156,7 +156,8 @@ def overlay_choice(dices: Sequence[float], count: int) -> list[int]:
 
 def track(cfg: FinetuneConfig, out: Path, metrics: dict) -> None:
     """One MLflow run: the config, the mean of every metric, the Pearson r, and the files."""
-    tracker = Tracker(cfg.tracking, run_name=f"eval-{Path(cfg.model).name}", params=flatten(cfg))
+    tracker = Tracker(cfg.tracking, run_name=f"eval-{Path(cfg.model).name}", params=flatten(cfg),
+                      shards=[cfg.data.shards], context="evaluation")
     means = {f"{cfg.eval.pool}_{k}": v["mean"] for k, v in metrics.items()
              if isinstance(v, dict) and v.get("mean") is not None}
     if metrics["pearson_r"]["pearson_r"] is not None:

@@ -353,7 +353,8 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Fit
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    tracker = Tracker(cfg.tracking, run_name=out.name, params=flatten(cfg))
+    tracker = Tracker(cfg.tracking, run_name=out.name, params=flatten(cfg),
+                      shards=[cfg.data.shards])
     try:
         start = time.perf_counter()
         result = fit(cfg, train_keys, val_keys, model.state_dict(),

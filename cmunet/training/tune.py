@@ -245,8 +245,10 @@ class TrialLog(tune.Callback):
     with ``ray://`` (the tracking URI must then be reachable from there, e.g. an MLflow server).
     """
 
-    def __init__(self, tracking: TrackingConfig, parent_run_id: str, folds: int):
+    def __init__(self, tracking: TrackingConfig, parent_run_id: str, folds: int,
+                 shards: str = ""):
         self.tracking, self.parent_run_id, self.folds = tracking, parent_run_id, folds
+        self.shards = [shards] if shards else []
         self._runs: dict[str, Tracker] = {}  # made as trials start (the Tuner pickles us first)
         self._folds_done: dict[str, int] = {}
         self._failures: dict[str, int] = {}
@@ -257,7 +259,7 @@ class TrialLog(tune.Callback):
         lr, batch = trial.config["lr"], trial.config["batch_size"]
         self._runs[trial.trial_id] = Tracker(
             self.tracking, run_name=f"trial-{trial.trial_id} lr={lr:.3g} batch={batch}",
-            parent_run_id=self.parent_run_id,
+            parent_run_id=self.parent_run_id, shards=self.shards, system_metrics=False,
             params={"train.lr": lr, "train.batch_size": batch, "trial_id": trial.trial_id})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -383,7 +385,8 @@ def search(cfg: TuneConfig, settings: FinetuneConfig, folds: Folds,
         run_config=tune.RunConfig(
             name="search", storage_path=s.storage or str(Path(cfg.out) / "ray"),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            callbacks=[TrialLog(cfg.tracking, parent_run_id, len(folds))] if parent_run_id else [],
+            callbacks=([TrialLog(cfg.tracking, parent_run_id, len(folds), cfg.data.shards)]
+                       if parent_run_id else []),
             verbose=s.verbose))
     return trials_table(_fit(tuner, path), len(folds))
 
@@ -506,7 +509,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print,
     parent_file = out / "parent_run_id"  # a relaunch continues the search's MLflow run
     parent_id = parent_file.read_text().strip() if parent_file.is_file() else None
     parent = Tracker(cfg.tracking, run_name=out.name, params=None if parent_id else flatten(cfg),
-                     tags={"job": "tune"}, run_id=parent_id)
+                     tags={"job": "tune"}, run_id=parent_id, shards=[cfg.data.shards])
     if parent.run_id:
         parent_file.write_text(parent.run_id + "\n")
     for name in ("config.yaml", "folds.json"):
