@@ -292,7 +292,7 @@ def finetune(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> dict:
     tune_cfg = load_config(TuneConfig, ROOT / cfg.tune_config, [
         *job_overrides(cfg.data.shards, cfg.data.ratio, out / "cells" / cell.name, cfg.tracking,
                        f"tune {cell.name}"),
-        f"init={init}", f"seed={cell.seed}", "tracking.register_as=", "alias=",
+        f"init={init}", f"seed={cell.seed}", "tracking.register_as=", "alias=", "onnx=false",
         *cfg.tune_overrides, *arm.tune])
     if cfg.min_samples_seen:
         per_fold = len(keys) * (tune_cfg.search.folds - 1) / tune_cfg.search.folds

@@ -7,7 +7,8 @@
 
 --model: a launch/finetune.py output folder, a .safetensors file with preprocessing.json beside
 it, an MLflow run id, runs:/RUN_ID/PATH, models:/NAME/VERSION or models:/NAME@ALIAS.
-Writes SEG/masks/*.png, SEG/overlays/*.png, SEG/diameters.csv and SEG/errors.csv.
+Writes SEG/masks/*.png, SEG/overlays/*.png, SEG/diameters.csv and SEG/errors.csv; with
+--probabilities SEG/probabilities/*, with --dicom-seg SEG/dicom_seg/*.dcm for DICOM inputs.
 Exit status: 0 every input segmented; 3 some inputs failed (named, and listed in errors.csv) and
 the others were written; 2 nothing was segmented (model, arguments or inputs unusable).
 See docs/segment.md.
@@ -24,10 +25,12 @@ import torch
 from cmunet.config import ConfigError
 from cmunet.inference.model import load_model
 from cmunet.inference.predict import MODES, SegmentOptions
-from cmunet.inference.segment import EXIT_NOTHING, run_segment
+from cmunet.inference.segment import (EXIT_NOTHING, PROBABILITY_FORMATS, SEG_TYPES,
+                                      OutputOptions, run_segment)
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SegmentOptions]:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SegmentOptions,
+                                                OutputOptions]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="See docs/segment.md.")
     parser.add_argument("--model", required=True,
@@ -58,6 +61,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SegmentOptio
     parser.add_argument("--tracking-uri", default="",
                         help="MLflow tracking URI for runs:/ and models:/ "
                              "(default sqlite:///$PWD/mlflow.db)")
+    parser.add_argument("--probabilities", choices=PROBABILITY_FORMATS, default="",
+                        help="also write the vessel probability: npy (float32) or png16 (uint16, "
+                             "p x 65535), in probabilities/")
+    parser.add_argument("--dicom-seg", choices=SEG_TYPES, default="",
+                        help="also write a DICOM Segmentation object of each DICOM input, in "
+                             "dicom_seg/: binary (the mask) or fractional (the probability)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.spacing is not None and (len(args.spacing) > 2 or min(args.spacing) <= 0):
@@ -68,7 +77,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SegmentOptio
                                  overlap=args.overlap)
     except ConfigError as err:
         parser.error(f"--{err.key.replace('_', '-')} {err.message}")
-    return args, options
+    return args, options, OutputOptions(args.probabilities, args.dicom_seg)
 
 
 def device_of(name: str) -> torch.device | None:
@@ -87,14 +96,14 @@ def device_of(name: str) -> torch.device | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, options = parse_args(argv)
+    args, options, outputs = parse_args(argv)
     spacing = None if args.spacing is None else (args.spacing[0], args.spacing[-1])
     try:
         model = load_model(args.model, args.tracking_uri, args.precision,
                            device_of(args.device))
         print(f"model: {model.describe()}")
         report = run_segment(model, args.input, args.out, options, spacing,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, outputs=outputs)
     except (ValueError, FileNotFoundError) as err:  # BadInput is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NOTHING

@@ -8,7 +8,8 @@
 Every lr x batch size is one trial: 3-fold cross-validation on the fine-tuning pool, folds grouped
 by patient, every fold from the same initial weights. The best trial is retrained on the whole
 pool, evaluated once on the test split and registered in MLflow (models:/cmunet@champion).
-Writes OUT/trials.csv, OUT/folds.json, OUT/model/, OUT/test/, OUT/result.json. See docs/tuning.md.
+Writes OUT/trials.csv, OUT/folds.json, OUT/model/, OUT/model.onnx, OUT/test/, OUT/result.json. See
+docs/tuning.md.
 SIGTERM / SIGINT stop the search after saving its state (exit 75); relaunching the same command
 (same out=) continues it without running finished trials, or finished folds, again.
 """

@@ -239,13 +239,16 @@ def test_finetune_and_evaluate_end_to_end(tmp_path, tiny_shards):
     metrics = json.loads((evaluation / "metrics.json").read_text())
     test = pool_keys(load_splits(tiny_shards / "splits.json"), "test")
     assert metrics["n_images"] == len(test)
-    for key in ("dice", "cldice", "iou", "hd", "add"):
+    for key in ("dice", "cldice", "iou", "hd", "hd95", "nsd", "nsd_mm", "add"):
         assert {"mean", "std", "ci95", "n", "n_undefined"} <= set(metrics[key]), key
         assert metrics[key]["n"] + metrics[key]["n_undefined"] == len(test)
     assert {"pearson_r", "p_value", "mean_diff", "loa", "n"} <= set(metrics["pearson_r"])
     assert metrics["pearson_r"]["units"] == "mm"  # the tiny set has a pixel spacing
+    assert metrics["nsd_tolerance"] == {"px": 1.0, "mm": 0.5}
     with (evaluation / "per_image.csv").open() as f:
-        assert sorted(r["key"] for r in csv.DictReader(f)) == sorted(test)
+        per_image = list(csv.DictReader(f))
+    assert sorted(r["key"] for r in per_image) == sorted(test)
+    assert {"hd95", "hd95_mm", "nsd", "nsd_mm"} <= set(per_image[0])
     for name in ("overlays.png", "bland_altman.png"):
         assert (evaluation / name).stat().st_size > 1000
 
@@ -256,6 +259,11 @@ def test_finetune_and_evaluate_end_to_end(tmp_path, tiny_shards):
     artifacts = {a.path for a in client.list_artifacts(runs["eval-pretrained"].info.run_id)}
     assert {"metrics.json", "per_image.csv", "overlays.png", "bland_altman.png"} <= artifacts
     assert "test_dice" in runs["eval-pretrained"].data.metrics
+    for name, context in (("scratch", "training"), ("eval-pretrained", "evaluation")):
+        run = client.get_run(runs[name].info.run_id)  # provenance (tests/test_tracking.py)
+        assert "mlflow.source.git.commit" in run.data.tags
+        inputs = run.inputs.dataset_inputs
+        assert [(i.dataset.name, i.tags[0].value) for i in inputs] == [(tiny_shards.name, context)]
 
 
 def test_evaluation_excludes_and_counts_images_without_ground_truth(tmp_path, tiny_folder,

@@ -240,6 +240,87 @@ def test_cldice_of_disjoint_masks_is_zero():
 
 
 # ---------------------------------------------------------------------------------------------
+# HD95 and NSD (MONAI's definitions) on hand-computed cases
+# ---------------------------------------------------------------------------------------------
+
+
+def square(r0: int, c0: int, side: int = 10, shape: tuple[int, int] = (40, 40)) -> np.ndarray:
+    mask = empty(shape)
+    mask[r0 : r0 + side, c0 : c0 + side] = True
+    return mask
+
+
+def test_square_shifted_by_three_columns():
+    # Boundaries: 36 pixels each. pred -> gt: the 14 pixels of pred's top and bottom rows over
+    # gt's are 0 away, the other 6 are 1, 2, 3 (twice); pred's left column (rows 11..18, inside
+    # gt) is 1, 2, 3, 3, 3, 3, 2, 1 from gt's top, bottom or left side; its right column is 3 from
+    # gt's right side (8 x 3). So 14 x 0, 4 x 1, 4 x 2, 14 x 3, and the same gt -> pred (mirror).
+    gt, pred = square(10, 10), square(10, 13)
+    directed = sorted([0] * 14 + [1] * 4 + [2] * 4 + [3] * 14)
+    d_pg, d_gp = M.surface_distances(pred, gt)
+    assert sorted(d_pg) == directed and sorted(d_gp) == directed
+    assert M.modified_hausdorff(pred, gt) == pytest.approx(54 / 36)
+    assert M.hd95(pred, gt) == 3.0  # the 95th percentile (sorted index 33.25) lies among the 3s
+    assert M.normalized_surface_dice(pred, gt, 0.0) == pytest.approx(28 / 72)
+    assert M.normalized_surface_dice(pred, gt, 1.0) == pytest.approx(36 / 72)
+    assert M.normalized_surface_dice(pred, gt, 2.0) == pytest.approx(44 / 72)
+    assert M.normalized_surface_dice(pred, gt, 3.0) == 1.0
+    # in mm, rows 0.5 mm apart and columns 0.2 mm: the row ends are 0.2, 0.4, 0.6 away, the left
+    # column min(0.5 x rows to gt's top or bottom, 0.6) = 0.5, 0.6 x 6, 0.5; the right one 0.6
+    assert M.hd95(pred, gt, spacing=(0.5, 0.2)) == pytest.approx(3 * 0.2)
+    assert M.normalized_surface_dice(pred, gt, 0.55, spacing=(0.5, 0.2)) == pytest.approx(40 / 72)
+
+
+def test_hd95_is_the_larger_directed_percentile_as_in_monai():
+    gt = square(10, 10)
+    # a 4-pixel bar 10 columns right of gt's right side: pred -> gt has 36 zeros and 4 tens
+    pred = gt.copy()
+    pred[12:16, 29] = True
+    # directed pred -> gt: 40 values, the 95th percentile at sorted index 37.05 -> 10;
+    # gt -> pred: all 0. MONAI takes the larger: 10. (Pooled, as medpy, it would be
+    # 0.25 x 10 = 2.5: 80 values, index 75.05 between the last zero and the first ten.)
+    assert M.hd95(pred, gt) == 10.0
+    pooled = np.percentile(np.concatenate(M.surface_distances(pred, gt)), 95)
+    assert pooled == pytest.approx(2.5)
+    assert M.normalized_surface_dice(pred, gt, 1.0) == pytest.approx(72 / 76)
+    # one speck instead: 37 values, index 34.2 among the zeros -> HD95 0 while the MHD moves
+    speck = gt.copy()
+    speck[14, 29] = True
+    assert M.hd95(speck, gt) == 0.0 and M.modified_hausdorff(speck, gt) == pytest.approx(10 / 37)
+
+
+def test_disc_with_a_far_speck_against_brute_force():
+    gt = disc((40, 40), 15, shape=(80, 100))
+    pred = disc((42, 41), 13, shape=(80, 100))
+    pred[5, 95] = True  # a speck far from both
+    for spacing in (None, (0.3, 0.3), (0.2, 0.35)):
+        scale = np.asarray(spacing or (1.0, 1.0))
+        a, b = np.argwhere(M.boundary(pred)) * scale, np.argwhere(M.boundary(gt)) * scale
+        pairwise = cdist(a, b)
+        d_pg, d_gp = pairwise.min(axis=1), pairwise.min(axis=0)
+        expected = max(np.percentile(d_pg, 95), np.percentile(d_gp, 95))
+        assert M.hd95(pred, gt, spacing) == pytest.approx(expected)
+        assert M.hd95(pred, gt, spacing) < pairwise.min(axis=1).max() / 3  # the speck is ignored
+        for tolerance in (0.5, 1.0, 2.5):
+            close = (d_pg <= tolerance).sum() + (d_gp <= tolerance).sum()
+            assert M.normalized_surface_dice(pred, gt, tolerance, spacing) == pytest.approx(
+                close / (len(a) + len(b)))
+        row = M.image_metrics(pred, gt, spacing, nsd_tolerance=1.0, nsd_tolerance_mm=1.0)
+        assert row["hd95"] == pytest.approx(M.hd95(pred, gt))
+        if spacing is not None:
+            assert row["hd95_mm"] == pytest.approx(expected)
+            assert row["nsd_mm"] == pytest.approx(
+                ((d_pg <= 1.0).sum() + (d_gp <= 1.0).sum()) / (len(a) + len(b)))
+
+
+def test_nsd_tolerance_is_checked():
+    with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+        M.normalized_surface_dice(square(1, 1), square(2, 2), -1.0)
+    with pytest.raises(ValueError, match="tolerance"):
+        M.image_metrics(square(1, 1), square(2, 2), nsd_tolerance=float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
 # Empty masks
 # ---------------------------------------------------------------------------------------------
 
@@ -248,6 +329,8 @@ def test_empty_prediction():
     row = M.image_metrics(empty(), hbar(5, shape=(64, 96), c1=90), spacing=(0.3, 0.3))
     assert row["dice"] == 0.0 and row["iou"] == 0.0 and row["cldice"] == 0.0
     assert row["hd"] is None and row["hd_mm"] is None
+    assert row["hd95"] is None and row["hd95_mm"] is None  # undefined: no boundary to measure to
+    assert row["nsd"] == 0.0 and row["nsd_mm"] == 0.0  # no boundary pixel has a partner
     assert row["add"] is None and row["add_mm"] is None
     assert row["diam_pred"] is None and row["diam_gt"] > 0
 
@@ -256,12 +339,14 @@ def test_empty_ground_truth():
     row = M.image_metrics(hbar(5, shape=(64, 96), c1=90), empty())
     assert row["dice"] == 0.0 and row["iou"] == 0.0 and row["cldice"] == 0.0
     assert row["hd"] is None and row["add"] is None and row["diam_gt"] is None
-    assert "hd_mm" not in row
+    assert row["hd95"] is None and row["nsd"] == 0.0
+    assert "hd_mm" not in row and "hd95_mm" not in row and "nsd_mm" not in row
 
 
 def test_both_empty():
     row = M.image_metrics(empty(), empty())
     assert (row["dice"], row["iou"], row["cldice"], row["hd"]) == (1.0, 1.0, 1.0, 0.0)
+    assert (row["hd95"], row["nsd"]) == (0.0, 1.0)  # as MHD and Dice: perfect agreement
     assert row["add"] is None and row["diam_pred"] is None and row["diam_gt"] is None
 
 
@@ -275,11 +360,15 @@ def test_image_metrics_in_mm_match_the_single_metrics(spacing: tuple[float, floa
     pred, gt = disc((60, 62), 20), disc((64, 64), 24)
     row = M.image_metrics(pred, gt, spacing)
     assert set(row) == {
-        "dice", "iou", "cldice", "hd", "add", "diam_pred", "diam_gt",
-        "hd_mm", "add_mm", "diam_pred_mm", "diam_gt_mm",
+        "dice", "iou", "cldice", "hd", "hd95", "nsd", "add", "diam_pred", "diam_gt",
+        "hd_mm", "hd95_mm", "nsd_mm", "add_mm", "diam_pred_mm", "diam_gt_mm",
     }  # fmt: skip
     assert row["hd"] == pytest.approx(M.modified_hausdorff(pred, gt))
     assert row["hd_mm"] == pytest.approx(M.modified_hausdorff(pred, gt, spacing))
+    assert row["hd95"] == pytest.approx(M.hd95(pred, gt))
+    assert row["hd95_mm"] == pytest.approx(M.hd95(pred, gt, spacing))
+    assert row["nsd"] == M.normalized_surface_dice(pred, gt, M.NSD_TOLERANCE_PX)
+    assert row["nsd_mm"] == M.normalized_surface_dice(pred, gt, M.NSD_TOLERANCE_MM, spacing)
     assert row["add_mm"] == pytest.approx(M.add(pred, gt, spacing))
     assert row["diam_gt_mm"] == pytest.approx(M.mean_diameter(gt, spacing))
     assert row["cldice"] == pytest.approx(M.cldice(pred, gt))

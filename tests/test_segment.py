@@ -238,6 +238,66 @@ def test_exit_codes_and_empty_masks(model_dir, tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
+def test_probability_maps_and_dicom_segmentation_objects(model_dir, tmp_path, capsys):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng(7)
+    images = tmp_path / "images"
+    images.mkdir()
+    study = {"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
+             "PatientID": "P1"}
+    single, _ = line_image((48, 64), 30, 3, rng, top=4095)
+    write_dicom(images / "one.dcm", single, **study)
+    run = np.stack([line_image((64, 48), col, 3, rng, top=4095)[0] for col in (15, 30, 40)])
+    write_dicom(images / "run.dcm", run, frames=3, **study)
+    write_dicom(images / "bare.dcm", single)  # no study or series: no SEG, masks all the same
+    Image.fromarray(line_image((64, 64), 30, 3, rng)[0]).save(images / "plain.png")
+    out = tmp_path / "seg"
+    segment_cli = load_tool("segment")
+
+    code = segment_cli(["--model", str(model_dir), "--input", str(images), "--out", str(out),
+                        "--probabilities", "npy", "--dicom-seg", "binary", "--no-progress",
+                        "--batch-size", "2"])  # the frames of run.dcm span batches
+    err = capsys.readouterr().err
+    assert code == 3 and "bare.dcm: no DICOM SEG: the source lacks StudyInstanceUID" in err
+    assert "run.dcm: no DICOM SEG: the source has 3 frames and no frame of reference" in err
+    assert (out / "masks" / "bare.png").is_file() and (out / "masks" / "run_f0002.png").is_file()
+    assert sorted(p.name for p in (out / "dicom_seg").iterdir()) == ["one.dcm"]
+    for name in ("one", "run_f0000", "run_f0002", "plain", "bare"):
+        probability = np.load(out / "probabilities" / f"{name}.npy")
+        mask = np.asarray(Image.open(out / "masks" / f"{name}.png")) > 0
+        assert probability.dtype == np.float32 and probability.shape == mask.shape
+        np.testing.assert_array_equal(probability > 0.5, mask)  # no --min-component here
+    source = pydicom.dcmread(images / "one.dcm")
+    seg = pydicom.dcmread(out / "dicom_seg" / "one.dcm")
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    assert (seg.Rows, seg.Columns, int(seg.NumberOfFrames)) == (source.Rows, source.Columns, 1)
+    referenced = seg.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
+    assert referenced.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+        source.SOPInstanceUID
+    assert seg.StudyInstanceUID == source.StudyInstanceUID and seg.PatientID == "P1"
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == \
+        "41801008"  # coronary artery
+    np.testing.assert_array_equal(seg.pixel_array,
+                                  np.asarray(Image.open(out / "masks" / "one.png")) > 0)
+
+    code = segment_cli(["--model", str(model_dir), "--input", str(images / "one.dcm"), "--out",
+                        str(tmp_path / "fractional"), "--probabilities", "png16", "--dicom-seg",
+                        "fractional", "--no-progress"])
+    assert code == 0
+    stored = np.asarray(Image.open(tmp_path / "fractional" / "probabilities" / "one.png"))
+    probability = np.load(out / "probabilities" / "one.npy")
+    assert stored.dtype == np.uint16
+    np.testing.assert_allclose(stored / 65535, probability, atol=1 / 65535)
+    seg = pydicom.dcmread(tmp_path / "fractional" / "dicom_seg" / "one.dcm")
+    assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
+    assert (seg.Rows, seg.Columns) == single.shape
+    np.testing.assert_allclose(seg.pixel_array / seg.MaximumFractionalValue, probability,
+                               atol=0.5 / 255 + 1e-6)
+
+
 # ---- model references ----------------------------------------------------------------------------
 
 def test_weights_files_and_what_they_need(model_dir, tmp_path):

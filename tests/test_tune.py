@@ -329,6 +329,25 @@ def test_launch_tune_end_to_end_registers_a_loadable_champion(wide_shards, tmp_p
         "models:/cmunet@champion", dst_path=str(tmp_path / "download"))).rglob("*")}
     assert {"best.safetensors", "preprocessing.json", "MLmodel"} <= files
 
+    # the ONNX model beside it: the same probabilities through onnxruntime (tests/test_onnx.py)
+    assert result["onnx"]["path"] == str(out / "model.onnx") and result["onnx"]["opset"] == 18
+    assert result["onnx"]["max_abs_diff"] <= 1e-4
+    assert version.tags["onnx"] == result["registered"]["onnx"]
+    onnx_model = mlflow.pyfunc.load_model(version.tags["onnx"])
+    np.testing.assert_allclose(onnx_model.predict(images)["probability"], probability, atol=1e-4)
+    assert client.get_logged_model(version.tags["onnx"].split("/")[-1]).source_run_id == \
+        parent.info.run_id
+
+    # provenance: the code and the shards on the parent and the trials; system metrics on the
+    # parent only (the trials' runs are written by Tune's driver, not on the trial's machine)
+    for run in (parent, *children):
+        run = client.get_run(run.info.run_id)
+        assert "mlflow.source.git.commit" in run.data.tags
+        assert [d.dataset.name for d in run.inputs.dataset_inputs] == [wide_shards.name]
+        assert any(k.startswith("system/") for k in run.data.metrics) == (run is parent or
+                                                                          run.info.run_id ==
+                                                                          parent.info.run_id)
+
 
 def result_rows(trial: Path) -> list[dict]:
     """The results a trial reported (its result.json, one JSON object a line)."""

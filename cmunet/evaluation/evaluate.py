@@ -2,8 +2,9 @@
 
 :func:`run_evaluation` loads ``MODEL/best.safetensors`` (width from ``MODEL/result.json``, else
 ``MODEL/config.yaml``), predicts every labelled image of the pool with batched no-grad inference,
-computes the per-image metrics of :mod:`cmunet.evaluation.metrics` (distances also in mm where the
-manifest knows the pixel spacing) and writes ``OUT/metrics.json``, ``OUT/per_image.csv``,
+computes the per-image metrics of :mod:`cmunet.evaluation.metrics` (Dice, IoU, clDice, MHD, HD95,
+NSD at ``eval.nsd_tolerance`` px, ADD; distances and the NSD also in mm where the manifest knows
+the pixel spacing) and writes ``OUT/metrics.json``, ``OUT/per_image.csv``,
 ``OUT/overlays.png`` and ``OUT/bland_altman.png``, all logged to one MLflow run.
 
 Images without a usable ground truth are left out and counted: unlabelled images of the pool
@@ -101,7 +102,8 @@ def run_evaluation(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> d
     preds = predict(model, loader, device, use_bf16(device, cfg.train.precision))
     items = [data.items[i] for i in keep]
     spacings = [data.spacing[i] for i in keep]
-    rows = [{"key": key, **image_metrics(pred, mask, spacing)}
+    rows = [{"key": key, **image_metrics(pred, mask, spacing, cfg.eval.nsd_tolerance,
+                                         cfg.eval.nsd_tolerance_mm)}
             for pred, (key, _, mask), spacing in zip(preds, items, spacings)]
     metrics = summarize_run(cfg, rows, spacings, excluded)
     write_outputs(cfg, out, rows, metrics, items, preds)
@@ -121,7 +123,8 @@ def summarize_run(cfg: FinetuneConfig, rows: list[dict], spacings: Sequence,
     agreement = diameter_agreement(*diameters(rows, units))
     return {"model": cfg.model, "shards": cfg.data.shards, "pool": cfg.eval.pool,
             "n_images": len(rows), "n_excluded": {k: len(v) for k, v in excluded.items()},
-            "excluded": excluded, **summarize(rows), "pearson_r": {**agreement, "units": units}}
+            "excluded": excluded, **summarize(rows), "pearson_r": {**agreement, "units": units},
+            "nsd_tolerance": {"px": cfg.eval.nsd_tolerance, "mm": cfg.eval.nsd_tolerance_mm}}
 
 
 def diameters(rows: list[dict], units: str) -> tuple[list, list]:
@@ -156,7 +159,8 @@ def overlay_choice(dices: Sequence[float], count: int) -> list[int]:
 
 def track(cfg: FinetuneConfig, out: Path, metrics: dict) -> None:
     """One MLflow run: the config, the mean of every metric, the Pearson r, and the files."""
-    tracker = Tracker(cfg.tracking, run_name=f"eval-{Path(cfg.model).name}", params=flatten(cfg))
+    tracker = Tracker(cfg.tracking, run_name=f"eval-{Path(cfg.model).name}", params=flatten(cfg),
+                      shards=[cfg.data.shards], context="evaluation")
     means = {f"{cfg.eval.pool}_{k}": v["mean"] for k, v in metrics.items()
              if isinstance(v, dict) and v.get("mean") is not None}
     means |= {f"{cfg.eval.pool}_{k}_n_undefined": metrics[k]["n_undefined"] for k in ("hd", "add")}

@@ -18,6 +18,15 @@ Metrics and references
   Communications of the ACM 27(3), 1984).
 * Modified Hausdorff distance (MHD) -- M.-P. Dubuisson and A. K. Jain, "A modified Hausdorff
   distance for object matching", ICPR 1994.
+* HD95, the 95th-percentile Hausdorff distance, as MONAI's ``compute_hausdorff_distance(...,
+  percentile=95)``: the larger of the two directed 95th percentiles (pred -> gt and gt -> pred),
+  each with linear interpolation (``np.percentile``'s default, as ``torch.quantile``). Some tools
+  (medpy's ``hd95``) take the 95th percentile of both directions pooled instead; the two differ
+  when one direction has a few far outliers (tests/test_metrics.py has such a case).
+* Normalised surface Dice (NSD) at a tolerance tau -- S. Nikolov et al., "Clinically applicable
+  segmentation of head and neck anatomy for radiotherapy", JMIR 2021; as MONAI's
+  ``compute_surface_dice``: ``(|{a in A: d(a, B) <= tau}| + |{b in B: d(b, A) <= tau}|) /
+  (|A| + |B|)`` over the boundary pixels ``A``, ``B`` (no sub-pixel surface areas).
 * ADD, the artery diameter difference: the absolute difference between the mean skeleton
   diameters of the predicted and the ground-truth mask.
 * Bland-Altman agreement -- J. M. Bland and D. G. Altman, "Statistical methods for assessing
@@ -25,7 +34,8 @@ Metrics and references
 
 Conventions
 -----------
-* Boundary (for the MHD): the mask pixels that have at least one 4-neighbour outside the mask;
+* Boundary (for the MHD, HD95 and NSD; MONAI's ``get_mask_edges``, a mask XOR its erosion by the
+  4-neighbour cross): the mask pixels that have at least one 4-neighbour outside the mask;
   the resulting contour is one pixel thick and 8-connected. Outside the image counts as outside
   the mask, so a mask touching the image edge has a boundary along that edge.
 * Contour (for diameters): the midpoints of the pixel edges that separate a mask pixel from a
@@ -41,6 +51,10 @@ Conventions
   the ideal straight wall; skeleton points near vessel ends read narrower and points at branchings
   wider. Prediction and ground truth share these biases, so the ADD is much less affected than the
   diameters themselves.
+* Empty masks: the distances (MHD, HD95) are 0.0 when both masks are empty and undefined (None)
+  when exactly one is; the NSD is 1.0 when both are empty and 0.0 when exactly one is (no boundary
+  pixel has a partner). MONAI gives NaN (both empty) or inf (one empty) for the distances and NaN
+  for the NSD of two empty masks.
 * Summary statistics: sample standard deviation (ddof = 1) and a two-sided 95% Student-t
   confidence interval of the mean; with a single defined value the standard deviation is 0.0 and
   the interval is ``None`` (a t interval needs at least 2 values).
@@ -64,9 +78,12 @@ Spacing = Sequence[float]
 
 #: Metric keys that :func:`summarize` reports by default (those present in at least one row).
 DEFAULT_KEYS: tuple[str, ...] = (
-    "dice", "iou", "cldice", "hd", "hd_mm", "add", "add_mm",
+    "dice", "iou", "cldice", "hd", "hd_mm", "hd95", "hd95_mm", "nsd", "nsd_mm", "add", "add_mm",
     "diam_pred", "diam_gt", "diam_pred_mm", "diam_gt_mm",
 )  # fmt: skip
+#: Default NSD tolerances: 1 pixel, and 0.5 mm (about 1.5 pixels at 0.3 mm per pixel).
+NSD_TOLERANCE_PX = 1.0
+NSD_TOLERANCE_MM = 0.5
 
 _CROSS = ndimage.generate_binary_structure(2, 1)
 _UNIT_SAMPLING = (1.0, 1.0)
@@ -182,7 +199,7 @@ def cldice(pred: Mask, gt: Mask) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Modified Hausdorff distance
+# Boundary distances: MHD, HD95, NSD
 # --------------------------------------------------------------------------------------------
 
 
@@ -192,21 +209,54 @@ def boundary(mask: Mask) -> Mask:
     return mask & ~ndimage.binary_erosion(mask, structure=_CROSS, border_value=0)
 
 
-def _mean_distance_to(source: Mask, target: Mask, sampling: tuple[float, float]) -> float:
-    """Mean over the ``source`` pixels of the distance to the nearest ``target`` pixel."""
-    distance_to_target = ndimage.distance_transform_edt(~target, sampling=sampling)
-    return float(distance_to_target[source].mean())
+def _distances_to(source: Mask, target: Mask, sampling: tuple[float, float]) -> np.ndarray:
+    """For every ``source`` pixel (row-major), the distance to the nearest ``target`` pixel."""
+    return ndimage.distance_transform_edt(~target, sampling=sampling)[source]
 
 
-def _mhd_from(pred_edge: Mask, gt_edge: Mask, sampling: tuple[float, float]) -> float | None:
-    if not pred_edge.any() and not gt_edge.any():
-        return 0.0
+def surface_distances(
+    pred: Mask, gt: Mask, spacing: Spacing | None = None
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
+    """The directed boundary distances ``(pred -> gt, gt -> pred)``: for every boundary pixel of
+    one mask (:func:`boundary`), the distance to the nearest boundary pixel of the other, in
+    pixels or mm. None when either mask is empty (a boundary without partner)."""
+    pred, gt = validate_masks(pred, gt)
+    return _surface_distances(boundary(pred), boundary(gt), _sampling(spacing))
+
+
+def _surface_distances(pred_edge: Mask, gt_edge: Mask, sampling: tuple[float, float]):
     if not pred_edge.any() or not gt_edge.any():
         return None
-    return max(
-        _mean_distance_to(pred_edge, gt_edge, sampling),
-        _mean_distance_to(gt_edge, pred_edge, sampling),
-    )
+    return _distances_to(pred_edge, gt_edge, sampling), _distances_to(gt_edge, pred_edge, sampling)
+
+
+def _both_empty(pred_edge: Mask, gt_edge: Mask) -> bool:
+    return not pred_edge.any() and not gt_edge.any()
+
+
+def _mhd_of(distances, both_empty: bool) -> float | None:
+    if distances is None:
+        return 0.0 if both_empty else None
+    return max(float(d.mean()) for d in distances)
+
+
+def _hd95_of(distances, both_empty: bool) -> float | None:
+    if distances is None:
+        return 0.0 if both_empty else None
+    return max(float(np.percentile(d, 95)) for d in distances)
+
+
+def _nsd_of(distances, both_empty: bool, tolerance: float) -> float:
+    if distances is None:
+        return 1.0 if both_empty else 0.0
+    close = sum(int(np.count_nonzero(d <= tolerance)) for d in distances)
+    return close / sum(d.size for d in distances)
+
+
+def _check_tolerance(tolerance: float) -> float:
+    if not (isinstance(tolerance, numbers.Real) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    return float(tolerance)
 
 
 def modified_hausdorff(pred: Mask, gt: Mask, spacing: Spacing | None = None) -> float | None:
@@ -218,7 +268,32 @@ def modified_hausdorff(pred: Mask, gt: Mask, spacing: Spacing | None = None) -> 
     (undefined).
     """
     pred, gt = validate_masks(pred, gt)
-    return _mhd_from(boundary(pred), boundary(gt), _sampling(spacing))
+    pred_edge, gt_edge = boundary(pred), boundary(gt)
+    return _mhd_of(_surface_distances(pred_edge, gt_edge, _sampling(spacing)),
+                   _both_empty(pred_edge, gt_edge))
+
+
+def hd95(pred: Mask, gt: Mask, spacing: Spacing | None = None) -> float | None:
+    """95th-percentile Hausdorff distance as MONAI's ``compute_hausdorff_distance(percentile=95)``:
+    the larger of the 95th percentiles of the directed distances pred -> gt and gt -> pred
+    (:func:`surface_distances`). In pixels or mm. Both masks empty -> 0.0; one empty -> None."""
+    pred, gt = validate_masks(pred, gt)
+    pred_edge, gt_edge = boundary(pred), boundary(gt)
+    return _hd95_of(_surface_distances(pred_edge, gt_edge, _sampling(spacing)),
+                    _both_empty(pred_edge, gt_edge))
+
+
+def normalized_surface_dice(
+    pred: Mask, gt: Mask, tolerance: float = NSD_TOLERANCE_PX, spacing: Spacing | None = None
+) -> float:
+    """Normalised surface Dice as MONAI's ``compute_surface_dice``: the fraction of the boundary
+    pixels of both masks that lie within ``tolerance`` (``<=``; pixels, or mm with ``spacing``) of
+    the other mask's boundary. Both masks empty -> 1.0; exactly one empty -> 0.0."""
+    tolerance = _check_tolerance(tolerance)
+    pred, gt = validate_masks(pred, gt)
+    pred_edge, gt_edge = boundary(pred), boundary(gt)
+    return _nsd_of(_surface_distances(pred_edge, gt_edge, _sampling(spacing)),
+                   _both_empty(pred_edge, gt_edge), tolerance)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,50 +383,75 @@ def add(pred: Mask, gt: Mask, spacing: Spacing | None = None) -> float | None:
 
 
 def _distance_metrics(
-    pred: Mask, gt: Mask, skel_pred: Mask, skel_gt: Mask, sampling: tuple[float, float]
-) -> tuple[float | None, float | None, float | None]:
-    """``(MHD, mean diameter of pred, mean diameter of gt)`` at the given pixel sampling."""
-    return (
-        _mhd_from(boundary(pred), boundary(gt), sampling),
-        _mean_or_none(_diameters_from(pred, skel_pred, sampling)),
-        _mean_or_none(_diameters_from(gt, skel_gt, sampling)),
-    )
+    pred: Mask,
+    gt: Mask,
+    skel_pred: Mask,
+    skel_gt: Mask,
+    sampling: tuple[float, float],
+    tolerance: float,
+) -> tuple[dict[str, float | None], Any]:
+    """MHD, HD95, NSD at ``tolerance`` and both mean diameters at the given pixel sampling, and
+    the boundary distances they came from (:func:`surface_distances`)."""
+    pred_edge, gt_edge = boundary(pred), boundary(gt)
+    distances = _surface_distances(pred_edge, gt_edge, sampling)
+    both_empty = _both_empty(pred_edge, gt_edge)
+    values = {
+        "hd": _mhd_of(distances, both_empty),
+        "hd95": _hd95_of(distances, both_empty),
+        "nsd": _nsd_of(distances, both_empty, tolerance),
+        "diam_pred": _mean_or_none(_diameters_from(pred, skel_pred, sampling)),
+        "diam_gt": _mean_or_none(_diameters_from(gt, skel_gt, sampling)),
+    }
+    return values, distances
 
 
-def image_metrics(pred: Mask, gt: Mask, spacing: Spacing | None = None) -> dict[str, float | None]:
-    """All metrics of one image, each mask skeletonised once.
+def image_metrics(
+    pred: Mask,
+    gt: Mask,
+    spacing: Spacing | None = None,
+    nsd_tolerance: float = NSD_TOLERANCE_PX,
+    nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
+) -> dict[str, float | None]:
+    """All metrics of one image, each mask skeletonised once and each distance transform run once.
 
-    Keys: ``dice, iou, cldice, hd, add, diam_pred, diam_gt`` (distances in pixels) and, when
-    ``spacing`` is given, ``hd_mm, add_mm, diam_pred_mm, diam_gt_mm``. Undefined values are None.
+    Keys: ``dice, iou, cldice, hd (the MHD), hd95, nsd, add, diam_pred, diam_gt`` (distances in
+    pixels, ``nsd`` at ``nsd_tolerance`` pixels) and, when ``spacing`` is given, ``hd_mm, hd95_mm,
+    nsd_mm`` (at ``nsd_tolerance_mm``), ``add_mm, diam_pred_mm, diam_gt_mm``. Undefined values
+    are None.
     """
+    nsd_tolerance, nsd_tolerance_mm = map(_check_tolerance, (nsd_tolerance, nsd_tolerance_mm))
     pred, gt = validate_masks(pred, gt)
     sampling = None if spacing is None else _sampling(spacing)
     skel_pred, skel_gt = skeletonize(pred), skeletonize(gt)
     counts = _confusion(pred, gt)
-    hd, diam_pred, diam_gt = _distance_metrics(pred, gt, skel_pred, skel_gt, _UNIT_SAMPLING)
+    px, distances = _distance_metrics(pred, gt, skel_pred, skel_gt, _UNIT_SAMPLING, nsd_tolerance)
     row: dict[str, float | None] = {
         "dice": _dice_from(*counts),
         "iou": _iou_from(*counts),
         "cldice": _cldice_from(pred, gt, skel_pred, skel_gt),
-        "hd": hd,
-        "add": _abs_difference(diam_pred, diam_gt),
-        "diam_pred": diam_pred,
-        "diam_gt": diam_gt,
+        "hd": px["hd"],
+        "hd95": px["hd95"],
+        "nsd": px["nsd"],
+        "add": _abs_difference(px["diam_pred"], px["diam_gt"]),
+        "diam_pred": px["diam_pred"],
+        "diam_gt": px["diam_gt"],
     }
     if sampling is not None:
         if sampling[0] == sampling[1]:  # isotropic: every distance is the pixel distance x spacing
-            hd_mm, diam_pred_mm, diam_gt_mm = (
-                None if value is None else value * sampling[0] for value in (hd, diam_pred, diam_gt)
-            )
+            scale = sampling[0]
+            mm = {k: None if v is None else v * scale for k, v in px.items() if k != "nsd"}
+            scaled = None if distances is None else tuple(d * scale for d in distances)
+            both_empty = not pred.any() and not gt.any()
+            mm["nsd"] = _nsd_of(scaled, both_empty, nsd_tolerance_mm)
         else:
-            hd_mm, diam_pred_mm, diam_gt_mm = _distance_metrics(
-                pred, gt, skel_pred, skel_gt, sampling
-            )
+            mm, _ = _distance_metrics(pred, gt, skel_pred, skel_gt, sampling, nsd_tolerance_mm)
         row |= {
-            "hd_mm": hd_mm,
-            "add_mm": _abs_difference(diam_pred_mm, diam_gt_mm),
-            "diam_pred_mm": diam_pred_mm,
-            "diam_gt_mm": diam_gt_mm,
+            "hd_mm": mm["hd"],
+            "hd95_mm": mm["hd95"],
+            "nsd_mm": mm["nsd"],
+            "add_mm": _abs_difference(mm["diam_pred"], mm["diam_gt"]),
+            "diam_pred_mm": mm["diam_pred"],
+            "diam_gt_mm": mm["diam_gt"],
         }
     return row
 

@@ -70,13 +70,22 @@ class SegmentOptions:
 def segment(model: InferenceModel, images: Sequence[np.ndarray],
             options: SegmentOptions) -> list[np.ndarray]:
     """Bool vessel masks of ``images`` (uint8/uint16, any sizes), each at its image's size."""
+    return [to_mask(p, options) for p in vessel_probabilities(model, images, options)]
+
+
+def vessel_probabilities(model: InferenceModel, images: Sequence[np.ndarray],
+                         options: SegmentOptions) -> list[np.ndarray]:
+    """Float32 vessel probabilities of ``images`` (steps 1 and 2, then the bilinear
+    interpolation of step 3), each at its image's size."""
     scaled = [to_model_scale(image, model.preprocessing) for image in images]
     probabilities = predict_probabilities(model, scaled, options)
-    masks = []
-    for image, probability in zip(images, probabilities):
-        mask = to_original(probability, image.shape) > options.threshold
-        masks.append(remove_small_components(mask, options.min_component))
-    return masks
+    return [to_original(probability, image.shape).astype(np.float32)
+            for image, probability in zip(images, probabilities)]
+
+
+def to_mask(probability: np.ndarray, options: SegmentOptions) -> np.ndarray:
+    """The bool mask of a probability map at the original size: threshold, small components."""
+    return remove_small_components(probability > options.threshold, options.min_component)
 
 
 # ---- 1. preprocessing --------------------------------------------------------------------------

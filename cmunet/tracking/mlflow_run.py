@@ -5,17 +5,32 @@ stalls a training step. The default store is an embedded SQLite file ``mlflow.db
 directory (absolute URI, so that Ray trials running in other folders write to the same store),
 with artifacts in ``mlartifacts/`` beside it. Open it with ``mlflow ui --backend-store-uri
 sqlite:///$PWD/mlflow.db`` (see docs/tracking.md).
+
+Provenance, on every run the :class:`Tracker` creates: the git commit of the code
+(``mlflow.source.git.commit``) and whether the checkout had uncommitted changes
+(``cmunet.git_dirty``), both absent when the code is not a git checkout; the machine's CPU,
+memory, disk, network and GPU use as MLflow system metrics (``system/...``, every
+``system_metrics_interval`` seconds); and each shard folder the job reads as an MLflow dataset
+input (name = the folder's name, digest = a hash of its ``manifest.json``).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import logging
 import os
 import queue
+import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cmunet.config import check
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network calls from the toolkit
 
@@ -27,6 +42,11 @@ class TrackingConfig:
     experiment: str = "cmunet"
     run_name: str = ""  # "" = the output folder's name
     register_as: str = ""  # registered model name for this job's exports/models ("" = none)
+    system_metrics: bool = True  # log CPU, memory, disk, network and GPU use (system/...)
+    system_metrics_interval: float = 10.0  # seconds between system metric samples
+
+    def __post_init__(self):
+        check(self.system_metrics_interval > 0, "system_metrics_interval", "must be positive")
 
 
 def resolve_uri(uri: str) -> str:
@@ -46,14 +66,66 @@ def _artifact_root(uri: str) -> str | None:
     return None  # a server decides
 
 
+def code_version() -> dict[str, str]:
+    """The git tags of the code that runs: ``mlflow.source.git.commit`` and ``cmunet.git_dirty``
+    ("true" when tracked files differ from the commit or untracked files that git does not
+    ignore exist); empty when cmunet is not run from a git checkout of its own (an installed
+    package, no git)."""
+    return dict(_code_version(Path(__file__).resolve().parents[2]))
+
+
+@functools.lru_cache(maxsize=4)
+def _code_version(root: Path) -> tuple[tuple[str, str], ...]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return ()  # cmunet sits inside some other repository (e.g. its virtual environment)
+        commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return (("mlflow.source.git.commit", commit), ("cmunet.git_dirty", str(bool(status)).lower()))
+
+
+def shard_dataset(folder: str | Path):
+    """The MLflow dataset entity of a shard folder: name = the folder's name, digest = the first
+    16 hex digits of the SHA-256 of its manifest.json, source = the folder, profile = its counts."""
+    from mlflow.entities import Dataset
+
+    from cmunet.data import location
+
+    remote = location.is_url(folder)
+    where = str(folder).rstrip("/") if remote else Path(folder).resolve()
+    raw = location.read_bytes(where, "manifest.json")
+    manifest = json.loads(raw)
+    samples = manifest.get("samples", [])
+    profile = {"samples": len(samples), "labelled": sum(bool(s.get("labelled")) for s in samples),
+               "size": manifest.get("size")}
+    name = where.rsplit("/", 1)[-1] if remote else where.name
+    uri = location.public(where) if remote else where.as_uri()
+    return Dataset(name=name, digest=hashlib.sha256(raw).hexdigest()[:16],
+                   source_type=location.scheme(where) if remote else "local",
+                   source=json.dumps({"uri": uri}), profile=json.dumps(profile))
+
+
 class Tracker:
-    """An MLflow run, or a no-op when ``enabled`` is False (ranks other than 0, tracking off)."""
+    """An MLflow run, or a no-op when ``enabled`` is False (ranks other than 0, tracking off).
+
+    A new run is tagged with :func:`code_version`; ``shards`` are logged as dataset inputs of
+    ``context`` ("training", "evaluation"); system metrics are sampled from this process's machine
+    while the run is open, unless ``system_metrics`` or ``cfg.system_metrics`` is False (Ray trial
+    runs, written where Tune's driver runs, turn them off: that is not the trial's machine)."""
 
     def __init__(self, cfg: TrackingConfig, run_name: str, params: dict[str, Any] | None = None,
                  tags: dict[str, str] | None = None, enabled: bool = True,
-                 parent_run_id: str | None = None, run_id: str | None = None):
+                 parent_run_id: str | None = None, run_id: str | None = None,
+                 shards: Sequence[str | Path] = (), context: str = "training",
+                 system_metrics: bool = True):
         self.enabled = enabled and cfg.enabled
         self.run_id: str | None = None
+        self._monitor = None
         if not self.enabled:
             return
         from mlflow.tracking import MlflowClient
@@ -63,8 +135,10 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(cfg.experiment)
         experiment_id = (experiment.experiment_id if experiment else self.client.create_experiment(
             cfg.experiment, artifact_location=_artifact_root(self.uri)))
+        resumed = run_id is not None
         if run_id is None:
-            all_tags = {"mlflow.runName": cfg.run_name or run_name, **(tags or {})}
+            all_tags = {"mlflow.runName": cfg.run_name or run_name, **code_version(),
+                        **(tags or {})}
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(experiment_id, tags=all_tags)
@@ -76,6 +150,38 @@ class Tracker:
         self._errors: list[BaseException] = []
         self._thread = threading.Thread(target=self._drain, name="mlflow-logger", daemon=True)
         self._thread.start()
+        if shards:
+            self.log_shards(shards, context)
+        if system_metrics and cfg.system_metrics:
+            self._start_system_metrics(cfg.system_metrics_interval, resumed)
+
+    def _start_system_metrics(self, interval: float, resumed: bool) -> None:
+        """MLflow's system metrics monitor on this run (a thread sampling psutil and, where
+        present, NVIDIA's or AMD's GPU library); a failure to start it is reported at close."""
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                                 resume_logging=resumed, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as err:  # psutil missing, ...: tracking must never stop a job
+            self._errors.append(err)
+            self._monitor = None
+
+    def log_shards(self, folders: Sequence[str | Path], context: str = "training") -> None:
+        """Log shard folders as dataset inputs of this run (:func:`shard_dataset`), once the
+        queue reaches them; logging the same folder again is a no-op."""
+        if not self.enabled:
+            return
+        from mlflow.entities import DatasetInput, InputTag
+
+        def send() -> None:
+            self.client.log_inputs(self.run_id, datasets=[
+                DatasetInput(shard_dataset(folder), [InputTag("mlflow.data.context", context)])
+                for folder in folders])
+
+        self._queue.put(("call", send))
 
     # ---- queued (asynchronous) ------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -155,6 +261,8 @@ class Tracker:
     def close(self, status: str = "FINISHED") -> None:
         if not self.enabled:
             return
+        if self._monitor is not None:
+            self._monitor.finish()  # its last samples, while the run is still RUNNING
         self._queue.put(("stop", None))
         self._thread.join(timeout=300)
         self.client.set_terminated(self.run_id, status=status)

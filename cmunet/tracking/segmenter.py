@@ -15,6 +15,10 @@ exceeds 0.5, the argmax used in evaluation). ``params={"batch_size": n}`` sets t
     model = mlflow.pyfunc.load_model("models:/cmunet@champion")
     probability = model.predict(images)                       # (N, H, W) in [0, 1]
     mask = model.predict(images, params={"mask": True})       # (N, H, W) of 0/1
+
+The search also logs the same network as an ONNX model (:func:`log_onnx`, named ``onnx`` in the
+search's run, its URI in the registered version's tag ``onnx``): the same input, the probability
+as output, for onnxruntime and other runtimes without PyTorch or cmunet.
 """
 
 from __future__ import annotations
@@ -74,6 +78,30 @@ def requirements() -> list[str]:
     versions = {"torch": torch.__version__, "numpy": np.__version__,
                 "safetensors": safetensors.__version__, "mlflow": mlflow.__version__}
     return [f"{name}=={version.split('+')[0]}" for name, version in versions.items()]
+
+
+ONNX_SIGNATURE = ModelSignature(
+    inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1), "image")]),
+    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), "probability")]))
+
+
+def log_onnx(tracking_uri: str, run_id: str, path: Path, tags: dict[str, Any]) -> str:
+    """Log the ONNX file ``path`` (cmunet/models/onnx_export.py) as the ONNX model ``onnx`` of run
+    ``run_id``, beside its pyfunc model ``model``, and return its URI (``models:/<model id>``).
+    MLflow's ONNX flavour loads it with onnxruntime, without torch or cmunet."""
+    import onnx
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
+            info = mlflow.onnx.log_model(onnx.load(str(path)), name="onnx",
+                                         signature=ONNX_SIGNATURE, save_as_external_data=False,
+                                         tags={k: str(v) for k, v in tags.items()})
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return info.model_uri
 
 
 def log_segmenter(tracking_uri: str, run_id: str, folder: Path, name: str, alias: str,

@@ -85,11 +85,15 @@ class EvalConfig:
     pool: str = "test"  # pool of the shards' splits.json to evaluate (the test split by default)
     batch_size: int = 16  # inference batch (also for validation during fine-tuning)
     overlays: int = 8  # panels in overlays.png (from the worst to the best Dice)
+    nsd_tolerance: float = 1.0  # normalised surface Dice tolerance in pixels (metric nsd)
+    nsd_tolerance_mm: float = 0.5  # ... in mm (nsd_mm, for images with a known pixel spacing)
 
     def __post_init__(self):
         check(self.pool in POOLS, "pool", f"= {self.pool!r} must be one of {', '.join(POOLS)}")
         check(self.batch_size > 0, "batch_size", "must be positive")
         check(self.overlays > 0, "overlays", "must be positive")
+        check(self.nsd_tolerance >= 0, "nsd_tolerance", "must be >= 0")
+        check(self.nsd_tolerance_mm >= 0, "nsd_tolerance_mm", "must be >= 0")
 
 
 @dataclass
@@ -350,7 +354,8 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Fit
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    tracker = Tracker(cfg.tracking, run_name=out.name, params=flatten(cfg))
+    tracker = Tracker(cfg.tracking, run_name=out.name, params=flatten(cfg),
+                      shards=[cfg.data.shards])
     try:
         start = time.perf_counter()
         result = fit(cfg, train_keys, val_keys, model.state_dict(),

@@ -147,7 +147,8 @@ class _Run:
         self.tracker = Tracker(cfg.tracking, run_name=self.out.name,
                                params=None if self.state["run_id"] else {**flatten(cfg), **resolved},
                                tags={"cmunet.job": "pretrain", "cmunet.method": cfg.method},
-                               enabled=info.is_main, run_id=self.state["run_id"])
+                               enabled=info.is_main, run_id=self.state["run_id"],
+                               shards=[s for s in (cfg.data.shards, *cfg.data.extra_shards) if s])
         self.state["run_id"] = self.tracker.run_id
         self.log(f"{cfg.method}: {count_parameters(self.method, True) / 1e6:.2f} M trainable "
                  f"parameters, width {cfg.model.width}, views {cfg.view_size}^2 | {world} rank(s) "

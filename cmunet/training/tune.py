@@ -17,8 +17,10 @@ One search, in order (see docs/tuning.md):
 3. The completed trial with the highest ``cv_dice`` wins. Its configuration is retrained on the
    whole pool for the median of its folds' best epochs, without validation; the weights after the
    last epoch are written to ``OUT/model``.
-4. That model is evaluated once on the test split (``OUT/test``) -- after every choice was made --
-   and registered as a pyfunc model (``tracking.register_as``, alias ``alias``).
+4. That model is exported to ONNX (``OUT/model.onnx``, checked against onnxruntime; ``onnx``),
+   evaluated once on the test split (``OUT/test``) -- after every choice was made -- and
+   registered as a pyfunc model (``tracking.register_as``, alias ``alias``), with the ONNX model
+   logged beside it.
 
 MLflow: one parent run per search (the flattened config, the winner's scores, the test metrics,
 ``trials.csv``) and one child run per trial (per-fold best Dice and best epoch, ``cv_dice`` and its
@@ -112,6 +114,7 @@ class TuneConfig:
     seed: int = 0  # initial weights, folds, batch order, augmentations, random draws
     model_width: int = 64  # UNet width with init=none
     alias: str = "champion"  # alias given to the registered winner ("" = none)
+    onnx: bool = True  # also export the winner to OUT/model.onnx, checked with onnxruntime
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -328,8 +331,10 @@ class TrialLog(tune.Callback):
     with ``ray://`` (the tracking URI must then be reachable from there, e.g. an MLflow server).
     """
 
-    def __init__(self, tracking: TrackingConfig, parent_run_id: str, folds: int):
+    def __init__(self, tracking: TrackingConfig, parent_run_id: str, folds: int,
+                 shards: str = ""):
         self.tracking, self.parent_run_id, self.folds = tracking, parent_run_id, folds
+        self.shards = [shards] if shards else []
         self._runs: dict[str, Tracker] = {}  # made as trials start (the Tuner pickles us first)
         self._folds_done: dict[str, int] = {}
         self._failures: dict[str, int] = {}
@@ -340,7 +345,7 @@ class TrialLog(tune.Callback):
         lr, batch = trial.config["lr"], trial.config["batch_size"]
         self._runs[trial.trial_id] = Tracker(
             self.tracking, run_name=f"trial-{trial.trial_id} lr={lr:.3g} batch={batch}",
-            parent_run_id=self.parent_run_id,
+            parent_run_id=self.parent_run_id, shards=self.shards, system_metrics=False,
             params={"train.lr": lr, "train.batch_size": batch, "trial_id": trial.trial_id})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -491,7 +496,8 @@ def search(cfg: TuneConfig, settings: FinetuneConfig, folds: Folds,
         run_config=tune.RunConfig(
             name="search", storage_path=s.storage or str(Path(cfg.out) / "ray"),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            callbacks=[TrialLog(cfg.tracking, parent_run_id, len(folds))] if parent_run_id else [],
+            callbacks=([TrialLog(cfg.tracking, parent_run_id, len(folds), cfg.data.shards)]
+                       if parent_run_id else []),
             verbose=s.verbose))
     return trials_table(_fit(tuner, path), len(folds))
 
@@ -614,7 +620,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print,
     parent_file = out / "parent_run_id"  # a relaunch continues the search's MLflow run
     parent_id = parent_file.read_text().strip() if parent_file.is_file() else None
     parent = Tracker(cfg.tracking, run_name=out.name, params=None if parent_id else flatten(cfg),
-                     tags={"job": "tune"}, run_id=parent_id)
+                     tags={"job": "tune"}, run_id=parent_id, shards=[cfg.data.shards])
     if parent.run_id:
         parent_file.write_text(parent.run_id + "\n")
     for name in ("config.yaml", "folds.json"):
@@ -629,6 +635,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print,
             best = choose(table)
             final, result = retrain(cfg, best, len(folds), pool, initial_state, log)
         model_dir = save_model(final, result, best, pool)
+        onnx = export_winner(model_dir, out / "model.onnx", log) if cfg.onnx else None
         test = evaluate_once(final, model_dir, out / "test", log)
         parent.log_params({"best.trial_id": best["trial_id"], "best.lr": best["lr"],
                            "best.batch_size": best["batch_size"],
@@ -639,7 +646,9 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print,
             parent.log_metrics({"retrain_loss": row["train_loss"]}, step=row["epoch"])
         summary = {"best": best, "epochs": final.train.epochs, "test": test,
                    "parent_run_id": parent.run_id, "n_trials": len(table),
-                   "registered": register(cfg, parent, model_dir, best, final.train.epochs, log),
+                   "registered": register(cfg, parent, model_dir, best, final.train.epochs, log,
+                                          onnx),
+                   "onnx": onnx,
                    "seconds": time.perf_counter() - start}
         (out / "result.json").write_text(json.dumps(summary, indent=1) + "\n")
         parent.log_artifact(out / "result.json")
@@ -720,13 +729,34 @@ def evaluate_once(final: FinetuneConfig, model_dir: Path, out: Path,
                if k in ("hd", "add")}}
 
 
+def export_winner(model_dir: Path, path: Path, log: Callable[[str], None]) -> dict | None:
+    """The retrained model as ONNX (cmunet/models/onnx_export.py), checked against onnxruntime:
+    ``{"path", "opset", "max_abs_diff"}``, or None (with a warning) when the export fails: the
+    search's results do not depend on it."""
+    from cmunet.evaluation.evaluate import load_finetuned
+    from cmunet.models.onnx_export import OPSET, check_onnx, export_onnx
+
+    net = load_finetuned(model_dir)
+    try:
+        worst = check_onnx(export_onnx(net, path), net)
+    except Exception as err:  # an exporter limitation must not lose a finished search
+        log(f"warning: no ONNX export: {type(err).__name__}: {str(err).splitlines()[0]}")
+        path.unlink(missing_ok=True)
+        return None
+    log(f"wrote {path} (opset {OPSET}; onnxruntime within {worst:.1e} of PyTorch)")
+    return {"path": str(path), "opset": OPSET, "max_abs_diff": worst}
+
+
 def register(cfg: TuneConfig, parent: Tracker, model_dir: Path, best: dict, epochs: int,
-             log: Callable[[str], None]) -> dict | None:
+             log: Callable[[str], None], onnx: dict | None = None) -> dict | None:
     """Log ``model_dir`` as the pyfunc model of the search's run, register it as a new version
-    of ``tracking.register_as`` and give it ``alias``; None when tracking or registering is off."""
+    of ``tracking.register_as`` and give it ``alias``; log the ``onnx`` export beside it (its URI
+    in the version's tag ``onnx``). None when tracking or registering is off."""
     if not (parent.enabled and cfg.tracking.register_as):
         return None
-    from cmunet.tracking.segmenter import log_segmenter
+    from mlflow.tracking import MlflowClient
+
+    from cmunet.tracking.segmenter import log_onnx, log_segmenter
 
     parent.flush()  # the run's queued metrics before the fluent API resumes it
     tags = {"cv_dice": f"{best['cv_dice']:.5f}", "cv_dice_std": f"{best['cv_dice_std']:.5f}",
@@ -736,7 +766,13 @@ def register(cfg: TuneConfig, parent: Tracker, model_dir: Path, best: dict, epoc
     version = log_segmenter(cfg.tracking.uri, parent.run_id, model_dir, name, cfg.alias, tags)
     log(f"registered models:/{name}/{version}"
         + (f" as models:/{name}@{cfg.alias}" if cfg.alias else ""))
-    return {"name": name, "version": version, "alias": cfg.alias}
+    registered = {"name": name, "version": version, "alias": cfg.alias}
+    if onnx is not None:
+        uri = log_onnx(cfg.tracking.uri, parent.run_id, Path(onnx["path"]),
+                       {"opset": onnx["opset"], "max_abs_diff": f"{onnx['max_abs_diff']:.2e}"})
+        MlflowClient(cfg.tracking.uri).set_model_version_tag(name, version, "onnx", uri)
+        registered["onnx"] = uri
+    return registered
 
 
 def write_folds(folds: Folds, patient_of: dict[str, str], path: Path) -> None:
