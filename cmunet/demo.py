@@ -25,7 +25,8 @@ import numpy as np
 
 from cmunet.config import check, load_config, save_config
 from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
-from cmunet.training.launcher import ROOT, job_overrides, pretrain_command, run_logged
+from cmunet.paths import config_file
+from cmunet.training.launcher import job_overrides, pretrain_command, run_logged
 
 
 @dataclass
@@ -133,7 +134,7 @@ def pretrain(cfg: DemoConfig, shards: Path, folder: Path) -> Path:
     if (export / "model.safetensors").exists():
         print(f"  {export} exists, kept")
         return export
-    command = pretrain_command(cfg.pretrain_launcher, ROOT / cfg.pretrain_config, [
+    command = pretrain_command(cfg.pretrain_launcher, config_file(cfg.pretrain_config), [
         *job_overrides(shards, cfg.ratio, folder, cfg.tracking, "demo pre-training"),
         *cfg.pretrain_overrides])
     print(f"  {shlex.join(command)}\n  (log: {folder / 'stdout.log'})", flush=True)
@@ -162,8 +163,8 @@ def tune(cfg: DemoConfig, shards: Path, init: str, folder: Path, register: bool)
     if (folder / "result.json").exists():
         print(f"  {folder} exists, kept")
         return json.loads((folder / "result.json").read_text())
-    width = load_config(PretrainConfig, ROOT / cfg.pretrain_config, cfg.pretrain_overrides)
-    tune_cfg = load_config(TuneConfig, ROOT / cfg.tune_config, [
+    width = load_config(PretrainConfig, config_file(cfg.pretrain_config), cfg.pretrain_overrides)
+    tune_cfg = load_config(TuneConfig, config_file(cfg.tune_config), [
         *job_overrides(shards, cfg.ratio, folder, cfg.tracking,
                        f"demo search init={'pre-trained' if register else 'none'}"),
         f"init={init}", f"model_width={width.model.width}",

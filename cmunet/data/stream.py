@@ -43,13 +43,20 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 # transform(image float32 (H, W), mask bool (H, W) or None, rng) -> (image, mask)
 Transform = Callable[[np.ndarray, np.ndarray | None, np.random.Generator],
                      tuple[np.ndarray, np.ndarray | None]]
+
+
+def _tar_samples(urls: Iterable[str]):
+    """WebDataset's raw samples of the tar files ``urls``, in order. webdataset is imported here,
+    not at the top, so that segmentation (which imports this module) runs without it."""
+    import webdataset as wds
+
+    return wds.tarfile_to_samples()(iter({"url": u} for u in urls))
 
 
 def load_manifest(shards: str | Path) -> dict:
@@ -275,7 +282,7 @@ class ShardStream(IterableDataset):
         for source, url, keys in pieces:
             wanted = set(keys)
             found = 0
-            samples = wds.tarfile_to_samples()(iter([{"url": url}]))
+            samples = _tar_samples([url])
             try:
                 for sample in samples:
                     if sample["__key__"] in wanted:
@@ -372,7 +379,7 @@ class InMemorySet(Dataset):
         if missing:
             raise ValueError(f"{len(missing)} keys are not in {shards} (e.g. {missing[0]})")
         urls = sorted({str(Path(shards) / by_key[k]["shard"]) for k in wanted})
-        raw = {s["__key__"]: s for s in wds.tarfile_to_samples()(iter({"url": u} for u in urls))
+        raw = {s["__key__"]: s for s in _tar_samples(urls)
                if s["__key__"] in selected}
         decoder = _Decoder(manifest["mean"], manifest["std"], with_masks)
         self.items = [decoder(raw[k]) for k in wanted]
