@@ -104,8 +104,8 @@ def test_wheel_installs_and_runs_without_the_checkout(tmp_path):
     for name in ("cmunet", "configs"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
-                    str(source)], check=True, cwd=tmp_path, timeout=300)
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, cwd=tmp_path, timeout=300)
     wheel, = (tmp_path / "dist").glob("cmunet-*.whl")
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True,

@@ -2,10 +2,10 @@
 
 The pre-training command (``cmunet.cli.pretrain``, as ``python -m``, so that it runs from an
 installed wheel as well as from a checkout) runs under a launcher (``deepspeed --num_gpus 2``,
-``torchrun --nproc_per_node 2``) or plain Python. Two jobs on one machine must not share the launcher's
-default rendezvous port, so a free port is added unless the launcher names one. The launcher is
-taken from this Python's environment when it is installed there, so that ``.venv/bin/python
-launch/demo.py`` works without activating the environment.
+``torchrun --nproc_per_node 2``) or plain Python. Two jobs on one machine must not share the
+launcher's default rendezvous port, so a free port is added unless the launcher names one. The
+launcher is taken from this Python's environment when it is installed there, so that
+``.venv/bin/python launch/demo.py`` works without activating the environment.
 """
 
 from __future__ import annotations
