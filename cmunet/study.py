@@ -34,11 +34,13 @@ import numpy as np
 from cmunet.config import check, load_config, save_config
 from cmunet.data.overlap import refuse_test_overlap
 from cmunet.data.splits import load_splits, parse_ratio, pool_keys
+from cmunet.log import logger
 from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
 from cmunet.training.probe import ProbeConfig
 from cmunet.paths import config_file
 from cmunet.training.launcher import job_overrides, pretrain_command, run_logged
 
+LOG = logger(__name__)
 METRICS = ("dice", "cldice", "iou", "hd", "add")
 UNDEFINED = ("hd", "add")  # undefined (None) for an empty prediction: counted, never averaged
 
@@ -202,7 +204,7 @@ def pretrain_data(cfg: StudyConfig) -> list[str]:
 
 # ---- running -------------------------------------------------------------------------------
 
-def run_study(cfg: StudyConfig, log=print) -> Path:
+def run_study(cfg: StudyConfig, log=LOG.info) -> Path:
     if not cfg.out:
         raise ValueError("out is not set: give the study folder, e.g. out=runs/study")
     out = Path(cfg.out).resolve()

@@ -34,9 +34,11 @@ from cmunet.data.io import IMAGE_SUFFIXES, BadInput, find_images, read_frames, r
 from cmunet.data.meta import ImageMeta, load_meta, sample_key
 from cmunet.data.preprocess import PreprocessConfig, preprocess_image, preprocess_mask
 from cmunet.data.splits import PAPER_RATIOS, SampleInfo, make_splits, save_splits
+from cmunet.log import logger
 from cmunet.outdir import check_out, remove_stale, temp_sibling
 from cmunet.preempt import default_sigterm, sigterm_exits
 
+LOG = logger(__name__)
 FORMAT = "cmunet-shards/1"
 
 
@@ -93,7 +95,7 @@ class Sample:
     patient_known: bool = True  # False: no metadata or DICOM PatientID, the key stands in
 
 
-def build_shards(cfg: ShardConfig, salt: str | None = None, log=print) -> dict:
+def build_shards(cfg: ShardConfig, salt: str | None = None, log=LOG.info) -> dict:
     """Run the whole job; returns the manifest. Raises BadInput on the first bad file unless
     ``cfg.skip_bad``."""
     start = time.perf_counter()

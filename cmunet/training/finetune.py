@@ -37,6 +37,7 @@ from cmunet.data.augment import AugmentConfig, make_augment
 from cmunet.data.splits import POOLS, load_splits, parse_ratio, pool_keys
 from cmunet.data.stream import InMemorySet, collate, load_manifest
 from cmunet.evaluation.metrics import dice
+from cmunet.log import logger
 from cmunet.models.export import LoadReport, load_export, load_into
 from cmunet.models.unet import UNet
 from cmunet.tracking.mlflow_run import Tracker, TrackingConfig
@@ -44,6 +45,7 @@ from cmunet.tracking.registry import resolve
 from cmunet.training.precision import (Precision, autocast, cuda_speedups, default_device,
                                        use_bf16)
 
+LOG = logger(__name__)
 WEIGHTS = "best.safetensors"
 PREPROCESSING = "preprocessing.json"
 
@@ -328,7 +330,7 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ---- the job -----------------------------------------------------------------------------------
 
-def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> FitResult:
+def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = LOG.info) -> FitResult:
     """Fine-tune on the fine-tuning pool of ``cfg.data.ratio`` and write ``cfg.out``:
     best.safetensors, config.yaml, history.csv, result.json; one MLflow run."""
     if not cfg.out:
