@@ -42,8 +42,8 @@ from cmunet.models.export import LoadReport, load_export, load_into
 from cmunet.models.unet import UNet
 from cmunet.tracking.mlflow_run import Tracker, TrackingConfig
 from cmunet.tracking.registry import resolve
-from cmunet.training.precision import (Precision, autocast, cuda_speedups, default_device,
-                                       use_bf16)
+from cmunet.training.precision import (Precision, autocast, compile_modules, cuda_speedups,
+                                       default_device, use_bf16)
 
 LOG = logger(__name__)
 WEIGHTS = "best.safetensors"
@@ -73,6 +73,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     precision: Precision = "auto"  # auto: bf16 autocast where the device runs it fast
+    compile: bool = False  # torch.compile the UNet (GPU; the first epoch is slower)
 
     def __post_init__(self):
         check(self.epochs > 0, "epochs", "must be positive")
@@ -292,6 +293,8 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
     cuda_speedups(device)
     bf16 = use_bf16(device, cfg.train.precision)
     model.to(device, memory_format=torch.channels_last)
+    if cfg.train.compile:
+        compile_modules([model])
     train_set = InMemorySet(cfg.data.shards, train_keys, transform=make_augment(cfg.augment),
                             seed=cfg.seed)
     val_set = InMemorySet(cfg.data.shards, val_keys) if val_keys else None

@@ -40,7 +40,7 @@ from cmunet.training.distributed import (DistInfo, barrier, decided_by_main, ini
                                          ranks_where, shutdown)
 from cmunet.training.optim import (batch_mismatch, deepspeed_config, global_batch,
                                    make_optimizer, scaled_lr, warmup_cosine)
-from cmunet.training.precision import cuda_speedups, use_bf16
+from cmunet.training.precision import compile_modules, cuda_speedups, use_bf16
 from cmunet.training.pretrain_config import PretrainConfig
 
 LOG = logger(__name__)
@@ -118,6 +118,8 @@ class _Run:
         cuda_speedups(info.device)
         method = build_method(cfg).to(info.device)
         method.autocast_device = info.device.type if self.bf16 else None
+        if t.compile:
+            compile_modules([getattr(method, name) for name in set(method.parts.values())])
         optimizer = make_optimizer(method, self.lr, t.weight_decay, t.betas)
         schedule = warmup_cosine(self.total_steps,
                                  min(t.warmup_epochs, t.epochs) * self.steps_per_epoch,
