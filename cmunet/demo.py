@@ -24,8 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from cmunet.config import check, load_config, save_config
+from cmunet.log import logger
 from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
-from cmunet.training.launcher import ROOT, job_overrides, pretrain_command, run_logged
+from cmunet.paths import config_file
+from cmunet.training.launcher import job_overrides, pretrain_command, run_logged
+
+LOG = logger(__name__)
 
 
 @dataclass
@@ -55,7 +59,7 @@ class DemoConfig:
 
 
 def stage(title: str) -> None:
-    print(f"\n== {title}", flush=True)
+    LOG.info(f"\n== {title}")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -78,8 +82,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     scratch = tune(cfg, shards, "none", out / "finetune-scratch", register=False)
     pretrained = tune(cfg, shards, str(export), out / "finetune-pretrained", register=True)
     stage(f"5/6 registered: models:/{cfg.tracking.register_as}@champion")
-    print(f"  version {pretrained['registered']['version']} of {cfg.tracking.register_as} "
-          f"(alias champion) in {uri}")
+    LOG.info(f"  version {pretrained['registered']['version']} of {cfg.tracking.register_as} "
+             f"(alias champion) in {uri}")
     stage("6/6 segmentation of the held-out frames with models:/"
           f"{cfg.tracking.register_as}@champion")
     held_dice = segment(cfg, held_out, out / "segment")
@@ -102,12 +106,12 @@ def synthesize(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
     images, held_out = out / "synthetic", out / "held-out"
     for folder, count, seed in ((images, cfg.synthetic_count, 0), (held_out, cfg.held_out, 1)):
         if (folder / "meta.csv").exists():
-            print(f"  {folder} exists, kept")
+            LOG.info(f"  {folder} exists, kept")
             continue
         generate(folder, count=count, size=cfg.synthetic_size, seed=seed, workers=2,
                  overwrite=True)
-    print(f"  {images}/images, masks, meta.csv; held-out frames (another seed: new patients) "
-          f"in {held_out}")
+    LOG.info(f"  {images}/images, masks, meta.csv; held-out frames (another seed: new patients) "
+             f"in {held_out}")
     return images, held_out
 
 
@@ -121,28 +125,28 @@ def make_shards(cfg: DemoConfig, images: Path, shards: Path) -> Path:
     manifest = json.loads((shards / "manifest.json").read_text())
     pools = load_splits(shards / "splits.json")
     split = pools["ratios"][cfg.ratio]
-    print(f"  {manifest['count']} samples of {manifest['patients']} patients in "
-          f"{len(manifest['shards'])} shards; split {cfg.ratio}: pre-training "
-          f"{len(split['pretrain']['keys'])} (unlabelled use), fine-tuning "
-          f"{len(split['finetune']['keys'])} labelled, test {len(pools['test']['keys'])}")
+    LOG.info(f"  {manifest['count']} samples of {manifest['patients']} patients in "
+             f"{len(manifest['shards'])} shards; split {cfg.ratio}: pre-training "
+             f"{len(split['pretrain']['keys'])} (unlabelled use), fine-tuning "
+             f"{len(split['finetune']['keys'])} labelled, test {len(pools['test']['keys'])}")
     return shards
 
 
 def pretrain(cfg: DemoConfig, shards: Path, folder: Path) -> Path:
     export = folder / "export"
     if (export / "model.safetensors").exists():
-        print(f"  {export} exists, kept")
+        LOG.info(f"  {export} exists, kept")
         return export
-    command = pretrain_command(cfg.pretrain_launcher, ROOT / cfg.pretrain_config, [
+    command = pretrain_command(cfg.pretrain_launcher, config_file(cfg.pretrain_config), [
         *job_overrides(shards, cfg.ratio, folder, cfg.tracking, "demo pre-training"),
         *cfg.pretrain_overrides])
-    print(f"  {shlex.join(command)}\n  (log: {folder / 'stdout.log'})", flush=True)
+    LOG.info(f"  {shlex.join(command)}\n  (log: {folder / 'stdout.log'})")
     run_logged(command, folder / "stdout.log", "pre-training")
     losses = _last_row(folder / "log.csv")
     if losses:
-        print("  last epoch: " + ", ".join(f"{k} {float(v):.4f}" for k, v in losses.items()
-                                           if "loss" in k))
-    print(f"  export: {export}; reconstructions: {folder / 'figures'}")
+        LOG.info("  last epoch: " + ", ".join(f"{k} {float(v):.4f}" for k, v in losses.items()
+                                              if "loss" in k))
+    LOG.info(f"  export: {export}; reconstructions: {folder / 'figures'}")
     return export
 
 
@@ -160,17 +164,17 @@ def tune(cfg: DemoConfig, shards: Path, init: str, folder: Path, register: bool)
     from cmunet.training.tune import TuneConfig, run_tune
 
     if (folder / "result.json").exists():
-        print(f"  {folder} exists, kept")
+        LOG.info(f"  {folder} exists, kept")
         return json.loads((folder / "result.json").read_text())
-    width = load_config(PretrainConfig, ROOT / cfg.pretrain_config, cfg.pretrain_overrides)
-    tune_cfg = load_config(TuneConfig, ROOT / cfg.tune_config, [
+    width = load_config(PretrainConfig, config_file(cfg.pretrain_config), cfg.pretrain_overrides)
+    tune_cfg = load_config(TuneConfig, config_file(cfg.tune_config), [
         *job_overrides(shards, cfg.ratio, folder, cfg.tracking,
                        f"demo search init={'pre-trained' if register else 'none'}"),
         f"init={init}", f"model_width={width.model.width}",
         f"tracking.register_as={cfg.tracking.register_as if register else ''}",
         f"alias={'champion' if register else ''}", *cfg.tune_overrides])
-    print(f"  init={init}", flush=True)
-    return run_tune(tune_cfg, log=lambda m: print(f"  {m}", flush=True))
+    LOG.info(f"  init={init}")
+    return run_tune(tune_cfg, log=lambda m: LOG.info(f"  {m}"))
 
 
 def segment(cfg: DemoConfig, held_out: Path, out: Path) -> float:
@@ -189,8 +193,8 @@ def segment(cfg: DemoConfig, held_out: Path, out: Path) -> float:
         truth = read_mask(held_out / "masks" / f"{name}.png", image.shape) > 0
         predicted = read_mask(out / "masks" / f"{name}.png", image.shape) > 0
         scores.append(dice(predicted, truth))
-    print(f"  {len(report.images)} frames -> {out}/masks, overlays, diameters.csv; "
-          f"Dice against their synthetic masks {np.mean(scores):.3f}")
+    LOG.info(f"  {len(report.images)} frames -> {out}/masks, overlays, diameters.csv; "
+             f"Dice against their synthetic masks {np.mean(scores):.3f}")
     return float(np.mean(scores))
 
 
@@ -214,4 +218,4 @@ def print_summary(cfg: DemoConfig, out: Path, summary: dict, scratch: dict,
         "   (then open http://127.0.0.1:5000)",
         f"demo finished in {summary['seconds'] / 60:.1f} min; outputs in {out}",
     ]
-    print("\n".join(lines), flush=True)
+    LOG.info("\n".join(lines))

@@ -21,6 +21,8 @@ import stat
 from pathlib import Path
 from typing import Callable, Mapping
 
+from cmunet.log import logger
+
 
 class OutputError(ValueError):
     """``out`` cannot be used: a user mistake, reported in one line (exit 2)."""
@@ -76,7 +78,7 @@ def temp_sibling(out: Path, kind: str = "tmp") -> Path:
     return out.parent / f".{out.name}.{kind}-{_host()}-{os.getpid()}"
 
 
-def remove_stale(out: Path, log: Callable[[str], None] = print) -> list[Path]:
+def remove_stale(out: Path, log: Callable[[str], None] = logger(__name__).info) -> list[Path]:
     """Delete the temporary siblings of ``out`` (``temp_sibling``) left by dead processes of this
     host; those of other hosts or of running processes are kept. Returns what was removed."""
     removed = []

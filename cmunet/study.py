@@ -35,10 +35,13 @@ from cmunet.config import check, load_config, save_config
 from cmunet.data.overlap import refuse_test_overlap
 from cmunet.data import location
 from cmunet.data.splits import load_splits, parse_ratio, pool_keys
+from cmunet.log import logger
 from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
 from cmunet.training.probe import ProbeConfig
-from cmunet.training.launcher import ROOT, job_overrides, pretrain_command, run_logged
+from cmunet.paths import config_file
+from cmunet.training.launcher import job_overrides, pretrain_command, run_logged
 
+LOG = logger(__name__)
 METRICS = ("dice", "cldice", "iou", "hd", "add")
 UNDEFINED = ("hd", "add")  # undefined (None) for an empty prediction: counted, never averaged
 
@@ -202,7 +205,7 @@ def pretrain_data(cfg: StudyConfig) -> list[str]:
 
 # ---- running -------------------------------------------------------------------------------
 
-def run_study(cfg: StudyConfig, log=print) -> Path:
+def run_study(cfg: StudyConfig, log=LOG.info) -> Path:
     if not cfg.out:
         raise ValueError("out is not set: give the study folder, e.g. out=runs/study")
     out = Path(cfg.out).resolve()
@@ -270,7 +273,7 @@ def pretrain(cfg: StudyConfig, cell: Cell, out: Path, log) -> str:
         return str(export)
     if cfg.defer_pretraining:
         raise Deferred(f"{export} does not exist yet")
-    config = ROOT / cfg.pretrain_config.format(method=arm.method)
+    config = config_file(cfg.pretrain_config.format(method=arm.method))
     command = pretrain_command(cfg.pretrain_launcher, config, [
         *job_overrides(cfg.data.shards, pretrain_ratio(cfg, cell.budget), folder, cfg.tracking,
                        run_name),
@@ -289,7 +292,7 @@ def finetune(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> dict:
     splits = load_splits(location.join(cfg.data.shards, "splits.json"))
     keys = budget_keys(splits, cfg.data.ratio, cell.budget, patients_of(cfg.data.shards),
                        cell.seed)
-    tune_cfg = load_config(TuneConfig, ROOT / cfg.tune_config, [
+    tune_cfg = load_config(TuneConfig, config_file(cfg.tune_config), [
         *job_overrides(cfg.data.shards, cfg.data.ratio, out / "cells" / cell.name, cfg.tracking,
                        f"tune {cell.name}"),
         f"init={init}", f"seed={cell.seed}", "tracking.register_as=", "alias=", "onnx=false",

@@ -56,5 +56,6 @@ def test_launcher_is_taken_from_this_environment(monkeypatch):
     command = pretrain_command("deepspeed --num_gpus 2", "c.yaml", ["out=x"])
     assert command[0] == str(Path(sys.executable).parent / "deepspeed")
     assert command[1:3] == ["--num_gpus", "2"] and command[3].startswith("--master_port=")
+    assert command[4:6] == ["--module", "cmunet.cli.pretrain"]  # also from an installed wheel
     assert pretrain_command("", "c.yaml", [])[0] == sys.executable
     assert "--master_port=1" in pretrain_command("deepspeed --master_port=1", "c.yaml", [])

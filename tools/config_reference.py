@@ -19,7 +19,6 @@ import importlib
 import inspect
 import io
 import re
-import runpy
 import sys
 import textwrap
 import tokenize
@@ -189,7 +188,7 @@ def table(cls: type) -> list[str]:
 
 def shard_flags() -> str:
     """tools/shard.py's flags and the keys they set."""
-    flags = runpy.run_path(str(ROOT / "tools" / "shard.py"), run_name="config_reference")["FLAGS"]
+    from cmunet.cli.shard import FLAGS as flags
     pairs = [f"`--{flag.replace('_', '-')}` = `{key}`" for flag, key in flags.items()]
     pairs += ["`--skip-bad` = `skip_bad=true`", "`--overwrite` = `overwrite=true`"]
     return "Its flags set keys of this config: " + ", ".join(pairs) + "."

@@ -26,8 +26,6 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from webdataset.gopen import gopen, gopen_schemes
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 PIPE = "pipe:"
 
@@ -118,6 +116,8 @@ def open_shard(url: str):
     """A binary stream of the tar at ``url``: WebDataset's gopen where it has a handler for the
     protocol (files, pipe:, http(s), gs), fsspec otherwise (s3 and the rest)."""
     kind = scheme(url)
+    from webdataset.gopen import gopen, gopen_schemes  # the training stack: imported when used
+
     if kind in ("", "file") or kind in gopen_schemes:
         return gopen(url, "rb")
     import fsspec
@@ -130,6 +130,8 @@ def tar_samples(url: str):
     grouped as WebDataset groups them."""
     stream = open_shard(url)
     try:
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
         files = tar_file_expander(iter([{"url": url, "stream": stream}]))
         yield from group_by_keys(files)
     finally:

@@ -37,9 +37,11 @@ from cmunet.data.io import IMAGE_SUFFIXES, BadInput, find_images, read_frames, r
 from cmunet.data.meta import ImageMeta, load_meta, sample_key
 from cmunet.data.preprocess import PreprocessConfig, preprocess_image, preprocess_mask
 from cmunet.data.splits import PAPER_RATIOS, SampleInfo, make_splits, save_splits
+from cmunet.log import logger
 from cmunet.outdir import OutputError, check_out, remove_stale, temp_sibling
 from cmunet.preempt import default_sigterm, sigterm_exits
 
+LOG = logger(__name__)
 FORMAT = "cmunet-shards/1"
 
 
@@ -96,7 +98,7 @@ class Sample:
     patient_known: bool = True  # False: no metadata or DICOM PatientID, the key stands in
 
 
-def build_shards(cfg: ShardConfig, salt: str | None = None, log=print) -> dict:
+def build_shards(cfg: ShardConfig, salt: str | None = None, log=LOG.info) -> dict:
     """Run the whole job; returns the manifest. Raises BadInput on the first bad file unless
     ``cfg.skip_bad``. An ``out`` URL (``s3://``, ``gs://``, ...) is written in a local temporary
     folder first, then uploaded (:func:`cmunet.data.location.upload`: manifest last)."""

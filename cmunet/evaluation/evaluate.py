@@ -29,12 +29,14 @@ from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import InMemorySet, collate, load_manifest
 from cmunet.evaluation.figures import bland_altman_plot, save_overlays
 from cmunet.evaluation.metrics import DEFAULT_KEYS, diameter_agreement, image_metrics, summarize
+from cmunet.log import logger
 from cmunet.models.export import read_weights
 from cmunet.models.unet import UNet
 from cmunet.tracking.mlflow_run import Tracker
 from cmunet.training.finetune import WEIGHTS, FinetuneConfig, predict
 from cmunet.training.precision import default_device, use_bf16
 
+LOG = logger(__name__)
 FILES = ("metrics.json", "per_image.csv", "overlays.png", "bland_altman.png", "config.yaml")
 
 
@@ -78,7 +80,7 @@ def usable_samples(shards: str | Path, keys: Sequence[str]) -> tuple[InMemorySet
     return data, keep, excluded
 
 
-def run_evaluation(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict:
+def run_evaluation(cfg: FinetuneConfig, log: Callable[[str], None] = LOG.info) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.eval.pool`` of ``cfg.data.shards``; returns metrics.json."""
     for key, value in (("model", cfg.model), ("out", cfg.out), ("data.shards", cfg.data.shards)):
         if not value:

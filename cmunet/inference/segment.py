@@ -43,6 +43,7 @@ from cmunet.evaluation.metrics import diameter_stats
 from cmunet.inference.dicom_seg import SEG_TYPES, write_dicom_seg
 from cmunet.inference.model import InferenceModel
 from cmunet.inference.predict import SegmentOptions, storage_note, to_mask, vessel_probabilities
+from cmunet.log import bar_disable
 
 EXIT_OK = 0  # every input segmented
 EXIT_NOTHING = 2  # nothing segmented: no usable image, or the model or arguments were unusable
@@ -153,7 +154,7 @@ def run_segment(model: InferenceModel, inputs: str | Path, out: str | Path,
     report, rows = SegmentReport(), []
     pending: list[_Frame] = []
     sources: dict[str, Path] = {}  # output name -> the file that took it
-    for path in tqdm(files, desc="segment", unit="file", disable=not progress):
+    for path in tqdm(files, desc="segment", unit="file", disable=bar_disable(progress)):
         try:
             frames = read_frames(path)
         except BadInput as err:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cmunet.config import check
+from cmunet.log import logger
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network calls from the toolkit
 
@@ -268,4 +269,4 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
         self.enabled = False
         if self._errors:
-            print(f"warning: {len(self._errors)} MLflow calls failed; first: {self._errors[0]!r}")
+            logger(__name__).warning(f"warning: {len(self._errors)} MLflow calls failed; first: {self._errors[0]!r}")

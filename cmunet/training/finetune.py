@@ -38,13 +38,15 @@ from cmunet.data.augment import AugmentConfig, make_augment
 from cmunet.data.splits import POOLS, load_splits, parse_ratio, pool_keys
 from cmunet.data.stream import InMemorySet, collate, load_manifest
 from cmunet.evaluation.metrics import dice
+from cmunet.log import logger
 from cmunet.models.export import LoadReport, load_export, load_into
 from cmunet.models.unet import UNet
 from cmunet.tracking.mlflow_run import Tracker, TrackingConfig
 from cmunet.tracking.registry import resolve
-from cmunet.training.precision import (Precision, autocast, cuda_speedups, default_device,
-                                       use_bf16)
+from cmunet.training.precision import (Precision, autocast, compile_modules, cuda_speedups,
+                                       default_device, use_bf16)
 
+LOG = logger(__name__)
 WEIGHTS = "best.safetensors"
 PREPROCESSING = "preprocessing.json"
 
@@ -72,6 +74,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     precision: Precision = "auto"  # auto: bf16 autocast where the device runs it fast
+    compile: bool = False  # torch.compile the UNet (GPU; the first epoch is slower)
 
     def __post_init__(self):
         check(self.epochs > 0, "epochs", "must be positive")
@@ -295,6 +298,8 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
     cuda_speedups(device)
     bf16 = use_bf16(device, cfg.train.precision)
     model.to(device, memory_format=torch.channels_last)
+    if cfg.train.compile:
+        compile_modules([model])
     train_set = InMemorySet(cfg.data.shards, train_keys, transform=make_augment(cfg.augment),
                             seed=cfg.seed)
     val_set = InMemorySet(cfg.data.shards, val_keys) if val_keys else None
@@ -333,7 +338,7 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ---- the job -----------------------------------------------------------------------------------
 
-def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> FitResult:
+def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = LOG.info) -> FitResult:
     """Fine-tune on the fine-tuning pool of ``cfg.data.ratio`` and write ``cfg.out``:
     best.safetensors, config.yaml, history.csv, result.json; one MLflow run."""
     if not cfg.out:

@@ -1,10 +1,11 @@
 """Pre-training as a subprocess, for jobs that chain stages (the study, the demo).
 
-``launch/pretrain.py`` runs under a launcher (``deepspeed --num_gpus 2``, ``torchrun
---nproc_per_node 2``) or plain Python. Two jobs on one machine must not share the launcher's
-default rendezvous port, so a free port is added unless the launcher names one. The launcher is
-taken from this Python's environment when it is installed there, so that ``.venv/bin/python
-launch/demo.py`` works without activating the environment.
+The pre-training command (``cmunet.cli.pretrain``, as ``python -m``, so that it runs from an
+installed wheel as well as from a checkout) runs under a launcher (``deepspeed --num_gpus 2``,
+``torchrun --nproc_per_node 2``) or plain Python. Two jobs on one machine must not share the
+launcher's default rendezvous port, so a free port is added unless the launcher names one. The
+launcher is taken from this Python's environment when it is installed there, so that
+``.venv/bin/python launch/demo.py`` works without activating the environment.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from cmunet.data import location
 from cmunet.tracking.mlflow_run import TrackingConfig
 from cmunet.training.distributed import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT_FLAGS = {"deepspeed": "--master_port", "torchrun": "--master-port"}
+MODULE = "cmunet.cli.pretrain"
+MODULE_FLAGS = {"deepspeed": "--module", "torchrun": "-m"}  # run a module, not a script
 
 
 def pretrain_command(launcher: str, config: str | Path, overrides: list[str]) -> list[str]:
-    """The command line running ``launch/pretrain.py --config CONFIG overrides...``."""
+    """The command line running the pre-training (``python -m cmunet.cli.pretrain``, the same
+    as ``launch/pretrain.py``) with ``--config CONFIG overrides...`` under ``launcher``."""
     words = shlex.split(launcher) or [sys.executable]
     beside = Path(sys.executable).parent / words[0]  # this environment's deepspeed / torchrun,
     if "/" not in words[0] and beside.is_file():  # also when it is not on PATH (make demo)
@@ -31,7 +34,14 @@ def pretrain_command(launcher: str, config: str | Path, overrides: list[str]) ->
     flag = PORT_FLAGS.get(Path(words[0]).name)
     if flag and not any(w.startswith(("--master_port", "--master-port")) for w in words):
         words += [f"{flag}={free_port()}"]
-    return [*words, str(ROOT / "launch" / "pretrain.py"), "--config", str(config), *overrides]
+    name = Path(words[0]).name
+    if name in MODULE_FLAGS:
+        words += [MODULE_FLAGS[name], MODULE]
+    elif name.startswith("python"):
+        words += ["-m", MODULE]
+    else:  # another launcher (srun, mpirun ...): the module's file, run as a script
+        words += [str(Path(__file__).resolve().parents[1] / "cli" / "pretrain.py")]
+    return [*words, "--config", str(config), *overrides]
 
 
 def job_overrides(shards: str | Path, ratio: str, out: str | Path, tracking: TrackingConfig,

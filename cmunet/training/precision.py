@@ -59,6 +59,14 @@ def cuda_speedups(device: torch.device) -> None:
         torch.set_float32_matmul_precision("high")
 
 
+def compile_modules(modules: list[torch.nn.Module]) -> None:
+    """``train.compile``: compile each module's forward with ``torch.compile`` in place
+    (``Module.compile``), so parameter names, checkpoints and exports stay as they are. Opt-in:
+    it pays on GPUs for long runs; the first steps are slower while kernels are compiled."""
+    for module in modules:
+        module.compile()
+
+
 def activation_dtypes(module: torch.nn.Module, run) -> set[torch.dtype]:
     """The dtypes of the outputs of ``module``'s convolutions and linear layers while ``run()``
     executes (e.g. one training step): ``{torch.bfloat16}`` when bf16 autocast is really

@@ -29,6 +29,7 @@ from cmunet.data import location
 from cmunet.data.overlap import refuse_test_overlap
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import ShardStream, load_manifest, make_loader
+from cmunet.log import bar_disable, logger, setup_logging
 from cmunet.methods import build_method
 from cmunet.models.export import save_export
 from cmunet.models.unet import count_parameters
@@ -40,8 +41,10 @@ from cmunet.training.distributed import (DistInfo, barrier, decided_by_main, ini
                                          ranks_where, shutdown)
 from cmunet.training.optim import (batch_mismatch, deepspeed_config, global_batch,
                                    make_optimizer, scaled_lr, warmup_cosine)
-from cmunet.training.precision import cuda_speedups, use_bf16
+from cmunet.training.precision import compile_modules, cuda_speedups, use_bf16
 from cmunet.training.pretrain_config import PretrainConfig
+
+LOG = logger(__name__)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -91,7 +94,9 @@ class _Run:
 
         self.cfg, self.info, t = cfg, info, cfg.train
         self.out = Path(cfg.out)
-        self.log = print if info.is_main else (lambda *a, **k: None)
+        setup_logging(info.rank)  # other ranks show warnings and errors only
+        self.log = LOG.info if info.is_main else (lambda *a, **k: None)
+        self.warn = LOG.warning if info.is_main else (lambda *a, **k: None)  # said once
         torch.manual_seed(cfg.seed)
         self.manifest = load_manifest(cfg.data.shards)
         splits = load_splits(location.join(cfg.data.shards, "splits.json"))
@@ -109,11 +114,13 @@ class _Run:
         self.bf16 = use_bf16(info.device, t.precision)
         mismatch = batch_mismatch(t.micro_batch, t.grad_accum, world, t.global_batch)
         if mismatch:
-            self.log(f"warning: {mismatch}")
+            self.warn(f"warning: {mismatch}")
 
         cuda_speedups(info.device)
         method = build_method(cfg).to(info.device)
         method.autocast_device = info.device.type if self.bf16 else None
+        if t.compile:
+            compile_modules([getattr(method, name) for name in set(method.parts.values())])
         optimizer = make_optimizer(method, self.lr, t.weight_decay, t.betas)
         schedule = warmup_cosine(self.total_steps,
                                  min(t.warmup_epochs, t.epochs) * self.steps_per_epoch,
@@ -158,7 +165,7 @@ class _Run:
                  f"{t.base_lr:g} x {self.global_batch}/256 = {self.lr:.3g} | {self.steps_per_epoch}"
                  f" steps/epoch, {self.total_steps} steps")
         for warning in cfg.warnings():
-            self.log(f"warning: {warning}")
+            self.warn(f"warning: {warning}")
 
     def _resume(self) -> None:
         found = resume_point(self.ckpt_dir, self.fingerprint)
@@ -182,8 +189,8 @@ class _Run:
         self.stream.skip_batches = state["step_in_epoch"] * t.grad_accum
         batches = iter(make_loader(self.stream, cfg.data.num_workers,
                                    pin_memory=self.info.device.type == "cuda"))
-        bar = tqdm(total=self.total_steps, initial=state["step"], disable=not self.info.is_main,
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
+                   disable=bar_disable(self.info.is_main))  # rank 0, in a terminal
         self.window = _Window()
         for epoch in range(state["epoch"], t.epochs):
             remaining = (self.steps_per_epoch - state["step_in_epoch"]) * t.grad_accum

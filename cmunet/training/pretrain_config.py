@@ -77,6 +77,7 @@ class PretrainTrain:
     zero_stage: int = 0
     precision: Precision = "auto"
     channels_last: bool = True
+    compile: bool = False  # torch.compile the encoder and decoder (GPU; first steps slower)
     checkpoint_every: int = 100  # optimizer steps
     keep_checkpoints: int = 2
     log_every: int = 10  # steps between MLflow metric points

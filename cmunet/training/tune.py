@@ -55,6 +55,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cmunet.config import check, dump_config, flatten, save_config
+from cmunet.log import logger
 from cmunet.outdir import check_out, check_private
 from cmunet.preempt import Interrupted
 from cmunet.data import location
@@ -66,6 +67,7 @@ from cmunet.training.finetune import (DataConfig, EvalConfig, FinetuneConfig, Fi
                                       TrainConfig, build_model, cpu_state, fit, patients_of,
                                       save_outputs)
 
+LOG = logger(__name__)
 Folds = list[tuple[list[str], list[str]]]  # per fold: (training keys, validation keys)
 Report = Callable[[dict], None]
 
@@ -256,7 +258,7 @@ def run_trial(config: dict, *, settings: FinetuneConfig, folds: Folds,
     keys = [fold_key(cfg, fold, weights) for fold in folds]
     done = finished_folds(tune.get_checkpoint(), keys)
     if done:
-        print(f"trial lr={cfg.train.lr:g} batch={cfg.train.batch_size}: folds 1-{len(done)} of "
+        LOG.info(f"trial lr={cfg.train.lr:g} batch={cfg.train.batch_size}: folds 1-{len(done)} of "
               f"{len(folds)} finished before, not trained again")
     node = ray.get_runtime_context().get_node_id()
     cross_validate(cfg, folds, initial_state, _checkpointing_report(keys, len(done), node),
@@ -582,7 +584,7 @@ def absolute(cfg: TuneConfig) -> TuneConfig:
                    tracking=replace(cfg.tracking, uri=resolve_uri(cfg.tracking.uri)))
 
 
-def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print,
+def run_tune(cfg: TuneConfig, log: Callable[[str], None] = LOG.info,
              trainable: Callable[..., None] = run_trial,
              keys: Sequence[str] | None = None) -> dict:
     """The whole search (see the module docstring); writes ``cfg.out`` and returns result.json.

@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Fine-tune a segmentation UNet on the fine-tuning pool of a PT-FT ratio.
+
+    python launch/finetune.py --config configs/finetune/cpu.yaml data.shards=SHARDS init=EXPORT out=OUT
+    python launch/finetune.py --config configs/finetune/cpu.yaml data.shards=SHARDS init=none out=OUT
+
+Validation images are carved out of the pool by patient; the test split is never read. Writes
+OUT/best.safetensors, OUT/config.yaml, OUT/history.csv and OUT/result.json, and one MLflow run.
+See docs/finetune.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from cmunet.config import parse_cli
+from cmunet.training.finetune import FinetuneConfig, run_finetune
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(FinetuneConfig, __doc__.split("\n\n")[0], argv)
+    try:
+        run_finetune(cfg)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
