@@ -61,6 +61,26 @@ def sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def signals_interrupt(what: str) -> Iterator[None]:
+    """SIGTERM and SIGINT raise :class:`Interrupted` in the main thread while active (a study:
+    the job it runs at that moment saves what it has and stops; main thread only)."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(f"{what} stopped by {signal.Signals(signum).name}; relaunch the same "
+                          "command to continue where it stopped")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
 class StopRequest:
     """Records SIGTERM / SIGINT instead of dying; see the module docstring."""
 

@@ -260,3 +260,28 @@ def test_dose_report_puts_the_gains_against_the_epochs(tmp_path):
     assert rho == pytest.approx(1.0) and -1 <= low <= high <= 1
     rho, _, _ = spearman_interval([1, 2, 3, 4], [4, 3, 2, 1])
     assert rho == pytest.approx(-1.0)
+
+
+def test_sigterm_stops_the_study_after_its_pretraining_checkpoint(tmp_path):
+    """SIGTERM to the study: the running pre-training writes its checkpoint and stops, the study
+    exits 75 with one line, no traceback (SIGINT takes the same path)."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    study = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch" / "study.py"), "--config", str(TINY), f"out={out}",
+         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "arms=[cmunet]", "seeds=[0]",
+         "pretrain_overrides=[view_size=64, model.width=8, train.epochs=50, "
+         "train.checkpoint_every=1000, train.log_every=1]"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "pretrain" / "cmunet-s0" / "log.csv"
+    deadline = time.monotonic() + 300
+    while not log.exists() and study.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert log.exists(), study.communicate()
+    study.send_signal(signal.SIGTERM)
+    stdout, stderr = study.communicate(timeout=300)
+    assert study.returncode == 75, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr and "stopped: " in stderr
+    assert list((out / "pretrain" / "cmunet-s0" / "checkpoints").glob("step_*/cmunet.json"))

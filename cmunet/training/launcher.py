@@ -11,11 +11,13 @@ launcher is taken from this Python's environment when it is installed there, so 
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from cmunet.data import location
+from cmunet.preempt import PREEMPTED, Interrupted
 from cmunet.tracking.mlflow_run import TrackingConfig
 from cmunet.training.distributed import free_port
 
@@ -58,6 +60,21 @@ def run_logged(command: list[str], log_file: Path, what: str) -> None:
     with log_file.open("a") as stream:
         stream.write(f"$ {shlex.join(command)}\n")
         stream.flush()
-        code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode
+        child = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
+        try:
+            code = child.wait()
+        except BaseException:  # a stop request (Interrupted, KeyboardInterrupt) or a bug
+            child.send_signal(signal.SIGTERM)  # the job writes its checkpoint and exits 75
+            try:
+                child.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            raise
+    if code == PREEMPTED:
+        raise Interrupted(f"{what} was stopped by a signal after writing its checkpoint; see "
+                          f"{log_file}")
     if code != 0:
         raise RuntimeError(f"{what} failed (exit {code}); see {log_file}")
+
+
+STOP_GRACE_S = 600  # how long a stopped study waits for its pre-training's checkpoint
