@@ -344,7 +344,7 @@ def test_moco_one_rank_encodes_in_shuffled_bn_sub_batches():
     module.momentum_encoder.register_forward_pre_hook(lambda m, a: seen["key"].append(a[0]))
     module.encoder.register_forward_pre_hook(lambda m, a: seen["query"].append(a[0]))
     with torch.no_grad():
-        keys = module.keys(x, gen(0))
+        keys, _ = module.keys(x, gen(0))
         queries = module.queries(x)
     key_parts, query_parts = list(seen["key"]), list(seen["query"])
     assert [len(part) for part in key_parts] == [4, 4]  # two BN batches ...
@@ -362,7 +362,7 @@ def test_moco_one_rank_encodes_in_shuffled_bn_sub_batches():
     torch.testing.assert_close(queries[:4], module.queries(x[:4].repeat(2, 1, 1, 1))[:4])
     module.eval()  # batch-independent BN: keys come back in the images' order
     with torch.no_grad():
-        torch.testing.assert_close(module.keys(x, gen(1)), module.embed(
+        torch.testing.assert_close(module.keys(x, gen(1))[0], module.embed(
             module.momentum_encoder, module.momentum_projector, x), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="bn_splits"):
         tiny("moco", "moco.bn_splits=3").keys(x[:5], gen())

@@ -361,7 +361,7 @@ def test_sigterm_mid_search_then_relaunch_skips_finished_trials_and_folds(wide_s
     cmd = [sys.executable, str(ROOT / "launch/tune.py"), "--config", CPU_YAML,
            f"data.shards={wide_shards}", "init=none", "out=OUT", *TINY, "search.lr=[1e-2, 1e-3]",
            "search.max_concurrent=1", "search.num_cpus=1", f"search.temp_dir={temp}",
-           "search.folds=5", "train.epochs=10"]  # time to stop trial 2 after a fold, before 5
+           "search.folds=5", "train.epochs=40"]  # time to stop trial 2 after a fold, before 5
     dry = subprocess.run([*cmd, "--dry-run"], cwd=tmp_path, capture_output=True, text=True)
     assert dry.returncode == 0 and "lr=0.01 batch_size=4" in dry.stdout and "a new search" in \
         dry.stdout and not (tmp_path / "OUT").exists(), dry.stderr
