@@ -74,12 +74,16 @@ def _worker(rank: int, world: int, port: int, case: tuple, steps: int, out) -> N
         averages = prof.key_averages()
         phases = {e.key: e.cpu_time_total / steps / 1e6 for e in averages if e.key in PHASES}
         kinds: dict[str, float] = {}
+        top: dict[str, list] = {}
         for e in averages:
             if e.key not in PHASES:
                 kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + e.self_cpu_time_total
+                top.setdefault(kind_of(e.key), []).append((e.self_cpu_time_total / steps / 1e6,
+                                                           e.key))
         kinds = {k: v / steps / 1e6 for k, v in kinds.items()}
         kinds["Python and framework (no operator)"] = max(wall - sum(kinds.values()), 0.0)
-        out["result"] = {"wall": wall, "phases": phases, "kinds": kinds}
+        top = {k: sorted(v, reverse=True)[:4] for k, v in top.items()}
+        out["result"] = {"wall": wall, "phases": phases, "kinds": kinds, "top": top}
     shutdown()
 
 
@@ -102,9 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name in PHASES:
         seconds = result["phases"].get(name, 0.0)
         print(f"| {name} | {seconds * 1e3:.1f} | {seconds / wall:.1%} |")
-    print("\n| operator kind (self time) | ms / step | share |\n| --- | ---: | ---: |")
+    print("\n| operator kind (self time) | ms / step | share | largest operators (ms) |\n"
+          "| --- | ---: | ---: | --- |")
     for name, seconds in sorted(result["kinds"].items(), key=lambda kv: -kv[1]):
-        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / wall:.1%} |")
+        largest = ", ".join(f"{op} {t * 1e3:.1f}" for t, op in result["top"].get(name, []))
+        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / wall:.1%} | {largest} |")
     return result
 
 
