@@ -84,17 +84,17 @@ def cmunet_step(case: tuple, precision: str, world: int, device: torch.device):
 
 def bare_step(case: tuple, precision: str, world: int, device: torch.device):
     """A function running one bare UNet step per call: the same network on view-sized images,
-    65 % of 16-px patches masked, MSE on them, backward, torch AdamW; no DeepSpeed, EMA or
-    views."""
+    65 % of 16-px patches masked, MSE on them, backward, the same AdamW as pre-training
+    (:func:`cmunet.training.optim.make_optimizer`); no DeepSpeed, EMA or views."""
     from cmunet.methods.masking import pixel_mask, random_patch_mask
     from cmunet.models.unet import UNet
+    from cmunet.training.optim import make_optimizer
     from cmunet.training.precision import autocast, use_bf16
 
     width, size, batch = case
     torch.manual_seed(0)
     model = UNet(width, out_channels=1).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
-                                  weight_decay=0.05)
+    optimizer = make_optimizer(model, 1e-4, 0.05, (0.9, 0.95))  # the same AdamW as pre-training
     bf16 = use_bf16(device, precision)
     images = torch.randn(batch, 1, size, size).contiguous(memory_format=torch.channels_last)
     hidden = pixel_mask(random_patch_mask(batch, size // 16, 0.65, torch.Generator(), device),
@@ -114,8 +114,9 @@ def bare_step(case: tuple, precision: str, world: int, device: torch.device):
 STEPS = {"cmunet": cmunet_step, "bare": bare_step}
 
 
-def _worker(rank: int, world: int, port: int, kind: str, case: tuple, precision: str,
-            steps: int, out):
+def _worker(rank: int, world: int, port: int, case: tuple, precision: str, steps: int, out):
+    """Both steps in one process, timed in alternation (CM-UNet step, bare step, CM-UNet step,
+    ...), so that both see the same machine state; ranks meet at a barrier around every step."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from cmunet.training.distributed import init_distributed, shutdown
@@ -124,31 +125,34 @@ def _worker(rank: int, world: int, port: int, kind: str, case: tuple, precision:
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     info = init_distributed()
     batch = case[2]
-    step = STEPS[kind](case, precision, world, info.device)
-    step(0)  # warm-up (allocations, oneDNN kernel selection)
-    with FlopCounterMode(display=False) as counter:
-        step(1)
-    flops = counter.get_total_flops()
-    torch.distributed.barrier()
-    start = time.perf_counter()
+    runs = {kind: make(case, precision, world, info.device) for kind, make in STEPS.items()}
+    flops, seconds = {}, dict.fromkeys(runs, 0.0)
+    for kind, step in runs.items():
+        step(0)  # warm-up (allocations, oneDNN kernel selection)
+        with FlopCounterMode(display=False) as counter:
+            step(1)
+        flops[kind] = counter.get_total_flops()
     for i in range(steps):
-        step(2 + i)
-    torch.distributed.barrier()
-    seconds = time.perf_counter() - start
+        for kind, step in runs.items():
+            torch.distributed.barrier()
+            start = time.perf_counter()
+            step(2 + i)
+            torch.distributed.barrier()
+            seconds[kind] += time.perf_counter() - start
     if rank == 0:
-        out[(kind, case, precision, world)] = (world * batch * steps / seconds,
-                                               world * flops * steps / seconds)
+        for kind in runs:
+            out[(kind, case, precision, world)] = (world * batch * steps / seconds[kind],
+                                                   world * flops[kind] * steps / seconds[kind])
     shutdown()
 
 
-def measure(kind: str, case, precision: str, world: int, steps: int, out) -> None:
-    mp.spawn(_worker, args=(world, free_port(), kind, case, precision, steps, out),
-             nprocs=world)
+def measure(case, precision: str, world: int, steps: int, out) -> None:
+    mp.spawn(_worker, args=(world, free_port(), case, precision, steps, out), nprocs=world)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps of each kind")
     parser.add_argument("--quick", action="store_true", help="only w=16 at 128²")
     parser.add_argument("--fp32", action="store_true", help="also measure fp32")
     args = parser.parse_args(argv)
@@ -162,8 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     for case in cases:
         for precision in precisions:
             for world in (1, 2):
-                for kind in STEPS:  # back to back, so both see the same machine state
-                    measure(kind, case, precision, world, args.steps, out)
+                measure(case, precision, world, args.steps, out)
     print(f"\n{'case':<16}{'precision':<10}{'ranks':>6}{'img/s':>9}{'GFLOP/s':>10}"
           f"{'bare GFLOP/s':>14}{'/bare':>7}{'/matmul':>9}{'2r/1r':>8}")
     results = {"matmul_flop_s": rates}

@@ -76,7 +76,8 @@ def deepspeed_config(micro_batch: int, grad_accum: int, world_size: int, zero_st
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
                    betas: tuple[float, float]) -> torch.optim.Optimizer:
-    """AdamW; the fused kernel when the parameters are on a GPU (one launch per step)."""
+    """AdamW; the fused kernel when the parameters are on a GPU (one launch per step), the
+    multi-tensor (foreach) one elsewhere (torch's default on CPU is a loop over parameters)."""
     fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas,
-                             fused=fused or None)
+                             fused=fused or None, foreach=None if fused else True)
