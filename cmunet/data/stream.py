@@ -92,18 +92,22 @@ class _Decoder:
 
     def __call__(self, raw: dict) -> tuple[str, np.ndarray, np.ndarray | None]:
         key = raw["__key__"]
-        where = f"{location.public(raw.get('__url__', 'shard'))}: sample {key}"
         if "image.png" not in raw:
-            raise ValueError(f"{where} has no image.png (members: "
+            raise ValueError(f"{_where(raw)} has no image.png (members: "
                              f"{', '.join(k for k in raw if not k.startswith('__'))}); "
                              "rebuild the shards with tools/shard.py")
         image = (decode_png(raw["image.png"]).astype(np.float32) - self.mean) / self.std
         mask = None
         if self.with_masks:
             if "mask.png" not in raw:
-                raise ValueError(f"{where} has no mask; select labelled samples only")
+                raise ValueError(f"{_where(raw)} has no mask; select labelled samples only")
             mask = decode_png(raw["mask.png"]) > 0
         return key, image, mask
+
+
+def _where(raw: dict) -> str:
+    """The shard and key of a raw sample, for error messages (built only when one is raised)."""
+    return f"{location.public(raw.get('__url__', 'shard'))}: sample {raw['__key__']}"
 
 
 def _sample(key: str, image: np.ndarray, mask: np.ndarray | None,
