@@ -3,20 +3,22 @@
 
 A full CM-UNet step (views, masking, both branches, backward, DeepSpeed optimizer step, EMA) on
 random base images, and in the same run the **bare step** of the same UNet: forward, masked MSE,
-backward and a plain torch AdamW step on a batch of view-sized images, in the same precision and
+backward and the same AdamW step on a batch of view-sized images, in the same precision and
 memory format, without DeepSpeed, EMA or views. Cases: w=16 at 128² and w=32 at 256², 1 rank and
-2 ranks sharing the machine's cores (gloo; the bare step runs as 2 independent processes). FLOPs
-per step are counted by torch's FlopCounterMode. The CM-UNet step's FLOP/s over the bare step's
-says whether anything around the network wastes time; the bf16 and fp32 matmul rates, measured in
-the same run, are printed beside it.
+2 ranks sharing the machine's cores (gloo; the bare step runs as 2 independent processes). Both
+steps run in one process with pre-training's process settings, timed in alternation; each
+figure is the median step. FLOPs per step are counted by torch's FlopCounterMode. The CM-UNet
+step's FLOP/s over the bare step's says whether anything around the network wastes time; the
+bf16 and fp32 matmul rates, measured in the same run, are printed beside it.
 
-    python bench/pretrain_throughput.py [--steps 3] [--quick] [--fp32]
+    python bench/pretrain_throughput.py [--steps 12] [--quick] [--fp32]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,20 +57,16 @@ def _config(width: int, size: int, batch: int, precision: str) -> PretrainConfig
 
 def cmunet_step(case: tuple, precision: str, world: int, device: torch.device):
     """A function running one full CM-UNet step (DeepSpeed engine, views, EMA) per call."""
-    import deepspeed
-
     from cmunet.methods import build_method
-    from cmunet.training.optim import deepspeed_config, make_optimizer
+    from cmunet.training.optim import deepspeed_config, deepspeed_engine, make_optimizer
     from cmunet.training.precision import use_bf16
 
     width, size, batch = case
     torch.manual_seed(0)
     method = build_method(_config(width, size, batch, precision))
     method.autocast_device = device.type if use_bf16(device, precision) else None
-    engine, *_ = deepspeed.initialize(
-        model=method, optimizer=make_optimizer(method, 1e-4, 0.05, (0.9, 0.95)),
-        config=deepspeed_config(batch, 1, world, 0, 0.0))
-    engine.module.to(memory_format=torch.channels_last)
+    engine, _ = deepspeed_engine(method, make_optimizer(method, 1e-4, 0.05, (0.9, 0.95)),
+                                 deepspeed_config(batch, 1, world, 0, 0.0))  # as pre-training's
     base = size + round(31 * size / 224)
     images = torch.randn(batch, 1, base, base).contiguous(memory_format=torch.channels_last)
 
@@ -120,13 +118,15 @@ def _worker(rank: int, world: int, port: int, case: tuple, precision: str, steps
     from torch.utils.flop_counter import FlopCounterMode
 
     from cmunet.training.distributed import init_distributed, shutdown
+    from cmunet.training.precision import speedups
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     info = init_distributed()
+    speedups(info.device)  # what pre-training sets, for both steps
     batch = case[2]
     runs = {kind: make(case, precision, world, info.device) for kind, make in STEPS.items()}
-    flops, seconds = {}, dict.fromkeys(runs, 0.0)
+    flops, seconds = {}, {kind: [] for kind in runs}
     for kind, step in runs.items():
         step(0)  # warm-up (allocations, oneDNN kernel selection)
         with FlopCounterMode(display=False) as counter:
@@ -138,11 +138,12 @@ def _worker(rank: int, world: int, port: int, case: tuple, precision: str, steps
             start = time.perf_counter()
             step(2 + i)
             torch.distributed.barrier()
-            seconds[kind] += time.perf_counter() - start
+            seconds[kind].append(time.perf_counter() - start)
     if rank == 0:
         for kind in runs:
-            out[(kind, case, precision, world)] = (world * batch * steps / seconds[kind],
-                                                   world * flops[kind] * steps / seconds[kind])
+            median = statistics.median(seconds[kind])  # robust to a step another process slowed
+            out[(kind, case, precision, world)] = (world * batch / median,
+                                                   world * flops[kind] / median)
     shutdown()
 
 
@@ -152,7 +153,8 @@ def measure(case, precision: str, world: int, steps: int, out) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=6, help="timed steps of each kind")
+    parser.add_argument("--steps", type=int, default=12,
+                        help="timed steps of each kind (the median step counts)")
     parser.add_argument("--quick", action="store_true", help="only w=16 at 128²")
     parser.add_argument("--fp32", action="store_true", help="also measure fp32")
     args = parser.parse_args(argv)

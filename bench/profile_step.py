@@ -52,10 +52,12 @@ def _labelled(fn, label: str):
 
 def _worker(rank: int, world: int, port: int, case: tuple, steps: int, out) -> None:
     from cmunet.training.distributed import init_distributed, shutdown
+    from cmunet.training.precision import speedups
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     info = init_distributed()
+    speedups(info.device)
     engine_step = pretrain_throughput.cmunet_step(case, "bf16", world, info.device)
     ds, method = engine_step.engine, engine_step.engine.module
     method.views = _labelled(method.views, "views and masks")

@@ -9,7 +9,7 @@ defaults take a few minutes on 2 idle cores. Goals (docs/benchmarks.md): shard b
 img/s on one worker; loader headroom >= 3; CM-UNet / bare UNet >= 0.9 at 1 rank; 2 ranks / 1
 rank >= 0.9 at w16 128².
 
-    python bench/run_all.py [--count 96] [--steps 6] [--repeats 5] [--out FILE]
+    python bench/run_all.py [--count 96] [--steps 12] [--repeats 5] [--out FILE]
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=96,
                         help="synthetic 512² angiograms to shard and load")
-    parser.add_argument("--steps", type=int, default=6,
+    parser.add_argument("--steps", type=int, default=12,
                         help="timed pre-training steps of each kind (CM-UNet, bare) per run")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed inference forward passes per precision")

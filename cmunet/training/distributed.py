@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
@@ -155,4 +156,8 @@ def shutdown(wait: bool = True) -> None:
     if torch.distributed.is_initialized():
         if wait:
             torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        ds = sys.modules.get("deepspeed.comm")
+        if ds is not None and ds.is_initialized():
+            ds.destroy_process_group()  # also drops DeepSpeed's cached groups: a later init works
+        else:
+            torch.distributed.destroy_process_group()

@@ -43,8 +43,8 @@ from cmunet.models.export import LoadReport, load_export, load_into
 from cmunet.models.unet import UNet
 from cmunet.tracking.mlflow_run import Tracker, TrackingConfig
 from cmunet.tracking.registry import resolve
-from cmunet.training.precision import (Precision, autocast, compile_modules, cuda_speedups,
-                                       default_device, use_bf16)
+from cmunet.training.precision import (Precision, autocast, compile_modules, default_device,
+                                       speedups, use_bf16)
 
 LOG = logger(__name__)
 WEIGHTS = "best.safetensors"
@@ -295,7 +295,7 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
         model.load_state_dict(initial_state)
     torch.manual_seed(cfg.seed)
     device = device or default_device()
-    cuda_speedups(device)
+    speedups(device)
     bf16 = use_bf16(device, cfg.train.precision)
     model.to(device, memory_format=torch.channels_last)
     if cfg.train.compile:

@@ -74,10 +74,36 @@ def deepspeed_config(micro_batch: int, grad_accum: int, world_size: int, zero_st
     }
 
 
+def deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict,
+                     scheduler=None, channels_last: bool = True):
+    """``deepspeed.initialize`` -> (engine, scheduler), and two things around it:
+
+    * On one rank without ZeRO, the engine's gradient all-reduce is switched off: there is
+      nothing to reduce, but DeepSpeed would still flatten every gradient into a fresh buffer,
+      "average" it over one rank and copy it back (8 % of a width-16 CM-UNet step on a CPU).
+      Under ZeRO the reduction also moves gradients into the optimizer's partitions, so it stays.
+    * channels_last weights (``channels_last``, without ZeRO): set after ``initialize``, whose
+      start-up broadcast cannot send channels_last tensors; under ZeRO 1/2 the weights are views
+      of flat buffers and stay contiguous.
+    """
+    import deepspeed
+
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   lr_scheduler=scheduler, config=config)
+    plain = engine.zero_optimization_stage() == 0
+    if plain and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False
+    if channels_last and plain:
+        engine.module.to(memory_format=torch.channels_last)
+    return engine, scheduler
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
                    betas: tuple[float, float]) -> torch.optim.Optimizer:
-    """AdamW; the fused kernel when the parameters are on a GPU (one launch per step), the
-    multi-tensor (foreach) one elsewhere (torch's default on CPU is a loop over parameters)."""
-    fused = next(model.parameters()).device.type == "cuda"
+    """AdamW with torch's fused kernel on GPUs and CPUs (one pass over parameters, gradients and
+    moments per step); the multi-tensor (foreach) one on other devices. On a 2-core CPU the
+    fused kernel updated the 13 M parameters of a width-16 CM-UNet 3x faster than foreach (8
+    against 29 ms; foreach makes one pass per operation), which beat the per-parameter loop."""
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas,
                              fused=fused or None, foreach=None if fused else True)

@@ -51,12 +51,37 @@ def use_bf16(device: torch.device, precision: Precision) -> bool:
     return supported or precision == "bf16"
 
 
-def cuda_speedups(device: torch.device) -> None:
-    """On a GPU: cuDNN picks the fastest convolution algorithms for our fixed input sizes and
-    fp32 matrix products use TF32 (convolutions do by default). Process-wide; no-op on CPU."""
+def speedups(device: torch.device) -> None:
+    """Process-wide settings for training on ``device``.
+
+    * GPU: cuDNN picks the fastest convolution algorithms for our fixed input sizes and fp32
+      matrix products use TF32 (convolutions do by default).
+    * CPU: :func:`keep_freed_memory`.
+    """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
+    elif device.type == "cpu":
+        keep_freed_memory()
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed blocks of up to 32 MiB instead of unmapping them and
+    returning freed heap to the system. A training step allocates and frees the same few-MB
+    activations and gradients every step; by default each comes back as fresh pages that
+    the kernel zeroes and faults in one by one. That cost 9 % of a width-16 CM-UNet step and
+    5 % of the bare UNet step on a 2-core CPU. The price: the process keeps its peak heap
+    (up to 1 GiB of it free). True when the C library took the settings (not glibc: False)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def compile_modules(modules: list[torch.nn.Module]) -> None:

@@ -39,9 +39,9 @@ from cmunet.tracking.mlflow_run import Tracker
 from cmunet.training import checkpoint as ckpt
 from cmunet.training.distributed import (DistInfo, barrier, decided_by_main, init_distributed,
                                          ranks_where, shutdown)
-from cmunet.training.optim import (batch_mismatch, deepspeed_config, global_batch,
-                                   make_optimizer, scaled_lr, warmup_cosine)
-from cmunet.training.precision import compile_modules, cuda_speedups, use_bf16
+from cmunet.training.optim import (batch_mismatch, deepspeed_config, deepspeed_engine,
+                                   global_batch, make_optimizer, scaled_lr, warmup_cosine)
+from cmunet.training.precision import compile_modules, speedups, use_bf16
 from cmunet.training.pretrain_config import PretrainConfig
 
 LOG = logger(__name__)
@@ -90,8 +90,6 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 class _Run:
     def __init__(self, cfg: PretrainConfig, info: DistInfo, stop: StopRequest | None = None):
-        import deepspeed
-
         self.cfg, self.info, t = cfg, info, cfg.train
         self.out = Path(cfg.out)
         setup_logging(info.rank)  # other ranks show warnings and errors only
@@ -116,7 +114,7 @@ class _Run:
         if mismatch:
             self.warn(f"warning: {mismatch}")
 
-        cuda_speedups(info.device)
+        speedups(info.device)
         method = build_method(cfg).to(info.device)
         method.autocast_device = info.device.type if self.bf16 else None
         if t.compile:
@@ -126,14 +124,11 @@ class _Run:
                                  min(t.warmup_epochs, t.epochs) * self.steps_per_epoch,
                                  t.min_lr / self.lr if self.lr else 0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=method, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(t.micro_batch, t.grad_accum, world, t.zero_stage, t.clip_grad))
+        self.engine, self.scheduler = deepspeed_engine(
+            method, optimizer,
+            deepspeed_config(t.micro_batch, t.grad_accum, world, t.zero_stage, t.clip_grad),
+            scheduler, t.channels_last)
         self.method = self.engine.module
-        if t.channels_last and t.zero_stage == 0:
-            # after deepspeed.initialize: its start-up broadcast cannot send channels_last
-            # tensors; under ZeRO 1/2 weights are views of flat buffers and stay contiguous.
-            self.method.to(memory_format=torch.channels_last)
 
         self.state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "run_id": None}
         self.fingerprint = ckpt.fingerprint(cfg, world)
