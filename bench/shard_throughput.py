@@ -4,7 +4,8 @@
 * shard building: images/s per core with the full preprocessing (read, fit, border inpainting,
   unsharp mask, mask smoothing, PNG encoding, hashing), one process, then every core;
 * loading: images/s per data-loader worker for decode + z-score + augmentation (random crop,
-  flips, rotation, noise, blur, brightness/contrast: the fine-tuning pipeline), in-process.
+  flips, rotation, noise, blur, brightness/contrast: the fine-tuning pipeline), in a process
+  forked with the training jobs' process settings, like their data-loader workers.
 
 Synthetic 512² angiograms are generated first (no private data needed).
 
@@ -14,6 +15,7 @@ Synthetic 512² angiograms are generated first (no private data needed).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -43,6 +45,19 @@ def loader_rate(shards: Path, transform, batches: int = 12, batch: int = 8) -> f
     return batches * batch / (time.perf_counter() - start)
 
 
+def worker_rates(shards: Path) -> tuple[float, float]:
+    """Loading rates without and with augmentation, in a process forked after the training
+    jobs' process settings (:func:`cmunet.training.precision.speedups`), as their data-loader
+    workers are."""
+    import torch
+
+    from cmunet.data.augment import AugmentConfig, make_augment
+    from cmunet.training.precision import speedups
+
+    speedups(torch.device("cpu"))
+    return loader_rate(shards, None), loader_rate(shards, make_augment(AugmentConfig()))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=96)
@@ -53,10 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
         generate(tmp / "syn", count=args.count, size=512, seed=0, workers=cores)
         one = shard_rate(tmp / "syn", tmp / "shards", workers=1)
         every = shard_rate(tmp / "syn", tmp / "shards", workers=cores)
-        from cmunet.data.augment import AugmentConfig, make_augment
-
-        plain = loader_rate(tmp / "shards", None)
-        augmented = loader_rate(tmp / "shards", make_augment(AugmentConfig()))
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            plain, augmented = pool.apply(worker_rates, (tmp / "shards",))
     results = {"shard_img_s_per_core": one, "shard_img_s_all_cores": every, "cores": cores,
                "load_img_s_per_worker": plain, "load_aug_img_s_per_worker": augmented}
     print(f"shard building at 512², full preprocessing: {one:.1f} img/s on 1 core, "

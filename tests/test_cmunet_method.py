@@ -32,6 +32,19 @@ def test_every_trainable_parameter_gets_a_gradient():
             assert p.grad is None, name
 
 
+def test_heads_run_in_fp32_under_bf16_autocast():
+    """The projector/predictor MLPs leave autocast: fp32 output, and the same numbers as the
+    head computes on the same (bf16-valued) input without autocast."""
+    from cmunet.methods.heads import MLP
+
+    torch.manual_seed(0)
+    head, x = MLP(8, 32, 16), torch.randn(4, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(x)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, head(x.float()))
+
+
 def test_ema_modules_are_outside_the_optimizer_and_follow_the_rule():
     method = small()
     optimizer = make_optimizer(method, 1e-3, 0.05, (0.9, 0.95))

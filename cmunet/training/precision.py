@@ -65,23 +65,25 @@ def speedups(device: torch.device) -> None:
         keep_freed_memory()
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def keep_freed_memory() -> bool:
-    """Let glibc's malloc reuse freed blocks of up to 32 MiB instead of unmapping them and
-    returning freed heap to the system. A training step allocates and frees the same few-MB
-    activations and gradients every step; by default each comes back as fresh pages that
-    the kernel zeroes and faults in one by one. That cost 9 % of a width-16 CM-UNet step and
-    5 % of the bare UNet step on a 2-core CPU. The price: the process keeps its peak heap
-    (up to 1 GiB of it free). True when the C library took the settings (not glibc: False)."""
+    """Let glibc's malloc serve large blocks from its heap (no mmap) and keep freed heap rather
+    than return it to the system. A training step allocates and frees the same large
+    activations and gradients every step; by default each block over 32 MiB (and, once freed,
+    heap beyond the trim threshold) comes back as fresh pages that the kernel zeroes and faults
+    in one by one. On a 2-core CPU that cost 10 % of a CM-UNet step at width 32 and 256² views
+    and 9 % at width 16 and 128². The price: the process keeps its peak heap (a step's working
+    set; 2.6 instead of 2.1-2.2 GiB resident in the benchmark at width 32, flat over the steps).
+    True when the C library took the settings (not glibc: False, nothing changes)."""
     import ctypes
 
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def compile_modules(modules: list[torch.nn.Module]) -> None:
@@ -93,12 +95,13 @@ def compile_modules(modules: list[torch.nn.Module]) -> None:
 
 
 def activation_dtypes(module: torch.nn.Module, run) -> set[torch.dtype]:
-    """The dtypes of the outputs of ``module``'s convolutions and linear layers while ``run()``
-    executes (e.g. one training step): ``{torch.bfloat16}`` when bf16 autocast is really
-    active there, ``{torch.float32}`` when something switched it off."""
+    """The dtypes of the outputs of ``module``'s convolutions while ``run()`` executes (e.g. one
+    training step): ``{torch.bfloat16}`` when bf16 autocast is really active there,
+    ``{torch.float32}`` when something switched it off. (Projection heads run in fp32 by
+    design: :class:`cmunet.methods.heads.MLP`.)"""
     dtypes: set[torch.dtype] = set()
     hooks = [m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
-             for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+             for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
     try:
         run()
     finally:
