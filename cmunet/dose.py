@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cmunet.study import (Cell, StudyConfig, _mean_std, arm_of, dose_arms, paired_gain,
-                          pretrain_name)
+from cmunet.study import (Cell, StudyConfig, _mean_std, arm_of, dose_arms, format_gain,
+                          paired_gain, pretrain_name)
 
 
 def dose_report(cfg: StudyConfig, out: Path, rows: list[dict]) -> Path:
@@ -45,7 +45,7 @@ def dose_report(cfg: StudyConfig, out: Path, rows: list[dict]) -> Path:
             points.append((epochs, mean, low, high, probe))
             views = _views(cfg, out, arm)
             lines.append(f"| {arm} | {epochs} | {views or '–'} | {_mean_std(dice)} | "
-                         f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={n}) | "
+                         f"{format_gain(mean, low, high, n)} | "
                          f"{'–' if probe is None else f'{probe:.3f}'} |")
         series[budget] = points
         with_probe = [(p[4], p[1]) for p in points if p[4] is not None]

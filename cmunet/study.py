@@ -419,9 +419,11 @@ def paired_gain(rows: list[dict], arm: str, budget: str,
 
 def _paired_gain(rows: list[dict], arm: str, budget: str, reference: str) -> str:
     gain = paired_gain(rows, arm, budget, reference)
-    if gain is None:
-        return "–"
-    mean, low, high, n = gain
+    return "–" if gain is None else format_gain(*gain)
+
+
+def format_gain(mean: float, low: float, high: float, n: int) -> str:
+    """``+0.012 [-0.020, +0.044] (n=6)``; one pair has no interval: ``+0.012 (n=1)``."""
     return f"{mean:+.3f} (n=1)" if n == 1 else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={n})"
 
 

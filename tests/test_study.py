@@ -255,6 +255,9 @@ def test_dose_report_puts_the_gains_against_the_epochs(tmp_path):
             for arm, gain in gains.items() for seed in (0, 1, 2)]
     text = dose_report(cfg, tmp_path, rows).read_text()
     assert "| d8 | 8 | 384 | 0.640 ± 0.010 | +0.030 [+0.030, +0.030] (n=3) | – |" in text
+    one_seed = [r for r in rows if r["seed"] == 0]  # one pair: a mean, no interval
+    text = dose_report(cfg, tmp_path, one_seed).read_text()
+    assert "| d8 | 8 | 384 | 0.630 ± 0.000 | +0.030 (n=1) | – |" in text
     assert (tmp_path / "gain_vs_dose.png").stat().st_size > 0
     rho, low, high = spearman_interval([1, 2, 3, 4, 5], [0.1, 0.2, 0.25, 0.4, 0.5])
     assert rho == pytest.approx(1.0) and -1 <= low <= high <= 1
