@@ -74,12 +74,16 @@ class Augment:
             image, mask = affine(image, mask, angle, scale, crop_shift(image.shape, scale, rng))
         if rng.random() < c.p_intensity:
             gain = rng.uniform(1 - c.contrast, 1 + c.contrast)
-            image = image * gain + rng.uniform(-c.brightness, c.brightness)
+            image = image * gain  # a new array (the input may be a cached sample) ...
+            image += rng.uniform(-c.brightness, c.brightness)  # ... then in place
         if rng.random() < c.p_blur:
             image = ndimage.gaussian_filter(image, sigma=rng.uniform(0.25, c.max_blur_sigma))
         if rng.random() < c.p_noise:
             std = np.float32(rng.uniform(0.0, c.max_noise_std))
-            image = image + std * gaussian_noise(image.shape, rng)
+            noise = gaussian_noise(image.shape, rng)
+            noise *= std
+            noise += image
+            image = noise
         return image.astype(np.float32, copy=False), mask
 
 

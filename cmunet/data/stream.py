@@ -96,7 +96,9 @@ class _Decoder:
             raise ValueError(f"{_where(raw)} has no image.png (members: "
                              f"{', '.join(k for k in raw if not k.startswith('__'))}); "
                              "rebuild the shards with tools/shard.py")
-        image = (decode_png(raw["image.png"]).astype(np.float32) - self.mean) / self.std
+        image = decode_png(raw["image.png"]).astype(np.float32)
+        image -= self.mean  # in place: one 512² float array per sample instead of three
+        image /= self.std
         mask = None
         if self.with_masks:
             if "mask.png" not in raw:
