@@ -4,14 +4,17 @@
 For every budget: the paired test-Dice gain of each dose over the reference arm (95 % t interval
 over seeds) against the pre-training epochs, as ``dose.md`` and ``gain_vs_dose.png``. With
 ``probe_seeds``, every dose's export is also probed (:func:`cmunet.training.probe.probe_dice`,
-fine-tuning-pool images only, one probe per seed, cached in ``probes.json``), and the Spearman
+fine-tuning-pool images only, one probe per seed, cached in ``probes.json``), as is a random
+initialisation with the same seeds (the probe gain is the paired difference), and the Spearman
 correlation of the mean probe Dice with the mean test gain over the doses is reported with a
 bootstrap interval (resampling the doses) and plotted (``probe_vs_gain.png``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +31,15 @@ def dose_report(cfg: StudyConfig, out: Path, rows: list[dict]) -> Path:
     lines = ["# Dose-response", "",
              f"Paired test-Dice gain over `{reference}` (95 % t interval over seeds) for "
              "fine-tuning from the exports of one pre-training after E epochs (passes over "
-             "its pool)." + (f" Probe: mean probe_dice over seeds {cfg.probe_seeds} (fine-tuning "
-                             "pool only)." if probes else ""), ""]
+             "its pool)." + (f" Probe: mean probe_dice over seeds {cfg.probe_seeds} "
+                             f"({cfg.probe.epochs} epochs on {cfg.probe.labelled} fine-tuning-pool "
+                             "images), and its mean paired gain over a random initialisation "
+                             f"probed with the same seeds ({np.mean(probes[RANDOM_INIT]):.3f})."
+                             if probes else ""), ""]
     series = {}
     for budget in budgets:
         lines += [f"## budget {budget}", "", "| arm | epochs | views | Dice | gain vs "
-                  f"{reference} | probe_dice |", "|---|---|---|---|---|---|"]
+                  f"{reference} | probe_dice | probe gain |", "|---|---|---|---|---|---|---|"]
         points = []
         for arm, epochs in sorted(doses.items(), key=lambda item: item[1]):
             dice = [r["dice"] for r in rows if r["arm"] == arm and r["budget"] == budget]
@@ -42,11 +48,14 @@ def dose_report(cfg: StudyConfig, out: Path, rows: list[dict]) -> Path:
                 continue
             mean, low, high, n = gain
             probe = np.mean(probes[arm]) if arm in probes else None
+            probe_gain = (np.mean(np.subtract(probes[arm], probes[RANDOM_INIT]))
+                          if arm in probes else None)
             points.append((epochs, mean, low, high, probe))
             views = _views(cfg, out, arm)
             lines.append(f"| {arm} | {epochs} | {views or '–'} | {_mean_std(dice)} | "
                          f"{format_gain(mean, low, high, n)} | "
-                         f"{'–' if probe is None else f'{probe:.3f}'} |")
+                         f"{'–' if probe is None else f'{probe:.3f}'} | "
+                         f"{'–' if probe_gain is None else f'{probe_gain:+.3f}'} |")
         series[budget] = points
         with_probe = [(p[4], p[1]) for p in points if p[4] is not None]
         if len(with_probe) >= 3:
@@ -73,21 +82,32 @@ def _export(cfg: StudyConfig, out: Path, arm: str) -> Path:
     return folder / "exports" / shared.export if shared.export else folder / "export"
 
 
+RANDOM_INIT = "random init"  # the probe's reference: a freshly initialised UNet, per seed
+
+
 def probe_scores(cfg: StudyConfig, out: Path, doses: dict[str, int]) -> dict[str, list[float]]:
-    """Arm -> probe Dice of its export, one per probe seed (computed once, cached)."""
+    """Arm -> probe Dice of its export, one per probe seed, and the same for a random
+    initialisation (:data:`RANDOM_INIT`). Computed once, cached in ``probes.json`` under the
+    probe's settings (other settings are other entries)."""
     from cmunet.models.export import load_export
-    from cmunet.training.probe import probe_dice
+    from cmunet.training.probe import probe_dice, random_init
 
     cache_file = out / "probes.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    scores = {}
-    for arm in doses:
-        export = _export(cfg, out, arm)
-        state, info = load_export(export)
+    settings = hashlib.sha1(json.dumps(asdict(cfg.probe), sort_keys=True).encode()).hexdigest()
+    scores: dict[str, list[float]] = {}
+    width = None
+    for arm in [*doses, RANDOM_INIT]:
+        if arm == RANDOM_INIT:
+            states = {seed: random_init(width, seed) for seed in cfg.probe_seeds}
+        else:
+            state, info = load_export(_export(cfg, out, arm))
+            width = info["width"]
+            states = dict.fromkeys(cfg.probe_seeds, state)
         for seed in cfg.probe_seeds:
-            key = f"{arm}/{seed}"
+            key = f"{arm}/{seed}/{settings[:10]}"
             if key not in cache:
-                cache[key] = probe_dice(state, info["width"], cfg.data.shards, cfg.data.ratio,
+                cache[key] = probe_dice(states[seed], width, cfg.data.shards, cfg.data.ratio,
                                         cfg.probe, seed)
                 tmp = cache_file.with_suffix(".tmp")
                 tmp.write_text(json.dumps(cache, indent=1) + "\n")

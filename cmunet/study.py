@@ -103,7 +103,7 @@ class StudyConfig:
     report_only: bool = False  # rebuild results.csv/.md and the figure from finished cells
     # dose studies: probe every dose's export with these seeds (dose.md, probe_vs_gain.png)
     probe_seeds: list[int] = field(default_factory=list)
-    probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(epochs=10))
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def __post_init__(self):
         check(not self.reference or self.reference in self.arms, "reference",

@@ -265,6 +265,52 @@ def test_dose_report_puts_the_gains_against_the_epochs(tmp_path):
     assert rho == pytest.approx(-1.0)
 
 
+def test_dose_probe_has_a_random_init_reference_and_a_cache_per_setting(tmp_path, monkeypatch):
+    """Every dose's export and a random initialisation are probed with each probe seed; the
+    report gives the paired probe gain; the cache is reused for the same probe settings and not
+    for other ones. (The probe itself is replaced by a function of its inputs here; it is run
+    for real by the pre-training job's test.)"""
+    import cmunet.training.probe as probe_module
+    from cmunet.dose import RANDOM_INIT, dose_report, probe_scores
+    from cmunet.models.export import save_export
+    from cmunet.models.unet import UNet
+    from cmunet.study import dose_arms
+    from cmunet.training.probe import ProbeConfig
+
+    cfg = StudyConfig(arms=["none", "d2", "dfinal"], budgets=["4"], seeds=[0, 1],
+                      pretrain_once=True, probe_seeds=[0, 1], probe=ProbeConfig(epochs=3),
+                      variants={"long": Arm(method="cmunet"),
+                                "d2": Arm(share="long", export="epoch_0002"),
+                                "dfinal": Arm(share="long")})
+    folder = tmp_path / "pretrain" / "long-s0"
+    for part, epoch, bias in (("exports/epoch_0002", 2, 0.1), ("export", 20, 0.3)):
+        unet = UNet(4)
+        state = {f"{p}.{k}": v for p in ("encoder", "decoder")
+                 for k, v in getattr(unet, p).state_dict().items()}
+        state["encoder.stem.1.bias"] = torch.full_like(state["encoder.stem.1.bias"], bias)
+        save_export(folder / part, state, {"epoch": epoch, "step": epoch * 3, "width": 4,
+                                           "global_batch": 16}, "", None)
+    calls = []
+
+    def fake_probe(state, width, shards, ratio, probe_cfg, seed):
+        calls.append(seed)
+        return 0.5 + float(state["encoder.stem.1.bias"].mean()) + 0.01 * seed
+    monkeypatch.setattr(probe_module, "probe_dice", fake_probe)
+    doses = dose_arms(cfg, tmp_path)
+    scores = probe_scores(cfg, tmp_path, doses)
+    assert scores == {"d2": pytest.approx([0.6, 0.61]), "dfinal": pytest.approx([0.8, 0.81]),
+                      RANDOM_INIT: pytest.approx([0.5, 0.51])}
+    assert len(calls) == 6
+    probe_scores(cfg, tmp_path, doses)
+    assert len(calls) == 6  # cached
+    probe_scores(replace(cfg, probe=ProbeConfig(epochs=4)), tmp_path, doses)
+    assert len(calls) == 12  # other settings, probed again
+    rows = [{"arm": arm, "budget": "4", "seed": seed, "dice": 0.6 + gain}
+            for arm, gain in {"none": 0.0, "d2": 0.01, "dfinal": 0.03}.items() for seed in (0, 1)]
+    text = dose_report(cfg, tmp_path, rows).read_text()
+    assert "| dfinal | 20 | 960 | 0.630 ± 0.000 | +0.030 [+0.030, +0.030] (n=2) | 0.805 | +0.300 |" in text
+
+
 def test_sigterm_stops_the_study_after_its_pretraining_checkpoint(tmp_path):
     """SIGTERM to the study: the running pre-training writes its checkpoint and stops, the study
     exits 75 with one line, no traceback (SIGINT takes the same path)."""
