@@ -24,10 +24,7 @@ class ProbeConfig:
     every: int = 0  # epochs between probes (0 = no probe); a probe also runs at the end
     labelled: int = 8  # fine-tuning-pool images the probe trains on
     validation: int = 8  # other fine-tuning-pool images (other patients if possible) it is scored on
-    # long enough to converge: 10-epoch probes of the dose study's checkpoints read 0.17-0.47
-    # by seed and were unrelated to the dose; 60-epoch probes gained +0.02 to +0.045 over a
-    # random initialisation, rising with the dose (docs/tracking.md)
-    epochs: int = 60
+    epochs: int = 60  # long enough to converge; 10-epoch probes ranked checkpoints at random
     batch_size: int = 4
     lr: float = 1e-3
     augment: AugmentConfig = field(default_factory=AugmentConfig)
