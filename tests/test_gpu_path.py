@@ -353,3 +353,7 @@ print(*before, *[faults(n) for n in sizes])
     assert small > 4000 and large > 10 * 12_000, (small, large)  # 4,096 / 12,288 pages a round
     # 0 seen, once 4,096 for the 48 MiB tensor (the heap grew once)
     assert small_after < small / 10 and large_after < large / 10, (small_after, large_after)
+    off = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                          "CMUNET_KEEP_FREED_MEMORY": "0"})
+    assert int(off.stdout.split()[3]) > 10 * 12_000  # switched off: glibc's defaults

@@ -76,9 +76,12 @@ def keep_freed_memory() -> bool:
     in one by one. On a 2-core CPU that cost 10 % of a CM-UNet step at width 32 and 256² views
     and 9 % at width 16 and 128². The price: the process keeps its peak heap (a step's working
     set; 2.6 instead of 2.1-2.2 GiB resident in the benchmark at width 32, flat over the steps).
-    True when the C library took the settings (not glibc: False, nothing changes)."""
+    ``CMUNET_KEEP_FREED_MEMORY=0`` in the environment keeps glibc's defaults. True when the C
+    library took the settings (not glibc, or switched off: False, nothing changes)."""
     import ctypes
 
+    if os.environ.get("CMUNET_KEEP_FREED_MEMORY", "1") == "0":
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
