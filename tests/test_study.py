@@ -308,7 +308,8 @@ def test_dose_probe_has_a_random_init_reference_and_a_cache_per_setting(tmp_path
     rows = [{"arm": arm, "budget": "4", "seed": seed, "dice": 0.6 + gain}
             for arm, gain in {"none": 0.0, "d2": 0.01, "dfinal": 0.03}.items() for seed in (0, 1)]
     text = dose_report(cfg, tmp_path, rows).read_text()
-    assert "| dfinal | 20 | 960 | 0.630 ± 0.000 | +0.030 [+0.030, +0.030] (n=2) | 0.805 | +0.300 |" in text
+    assert ("| dfinal | 20 | 960 | 0.630 ± 0.000 | +0.030 [+0.030, +0.030] (n=2) | 0.805 | "
+            "+0.300 |") in text
 
 
 def test_sigterm_stops_the_study_after_its_pretraining_checkpoint(tmp_path):

@@ -103,8 +103,9 @@ def activation_dtypes(module: torch.nn.Module, run) -> set[torch.dtype]:
     ``{torch.float32}`` when something switched it off. (Projection heads run in fp32 by
     design: :class:`cmunet.methods.heads.MLP`.)"""
     dtypes: set[torch.dtype] = set()
+    convolutions = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
     hooks = [m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
-             for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+             for m in module.modules() if isinstance(m, convolutions)]
     try:
         run()
     finally:
