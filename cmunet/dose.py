@@ -87,28 +87,33 @@ RANDOM_INIT = "random init"  # the probe's reference: a freshly initialised UNet
 
 def probe_scores(cfg: StudyConfig, out: Path, doses: dict[str, int]) -> dict[str, list[float]]:
     """Arm -> probe Dice of its export, one per probe seed, and the same for a random
-    initialisation (:data:`RANDOM_INIT`). Computed once, cached in ``probes.json`` under the
-    probe's settings (other settings are other entries)."""
+    initialisation (:data:`RANDOM_INIT`: method ``none``'s export for that seed). Computed once,
+    cached in ``probes.json`` under the probe's settings (other settings are other entries)."""
+    import torch
+
+    from cmunet.methods.none import RandomInit
     from cmunet.models.export import load_export
-    from cmunet.training.probe import probe_dice, random_init
+    from cmunet.training.probe import probe_dice
 
     cache_file = out / "probes.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     settings = hashlib.sha1(json.dumps(asdict(cfg.probe), sort_keys=True).encode()).hexdigest()
+    exports = {arm: load_export(_export(cfg, out, arm)) for arm in doses}
+    width = next(iter(exports.values()))[1]["width"]
+
+    def state(arm: str, seed: int) -> dict:
+        if arm != RANDOM_INIT:
+            return exports[arm][0]
+        torch.manual_seed(seed)
+        return RandomInit(width).export_state()
+
     scores: dict[str, list[float]] = {}
-    width = None
     for arm in [*doses, RANDOM_INIT]:
-        if arm == RANDOM_INIT:
-            states = {seed: random_init(width, seed) for seed in cfg.probe_seeds}
-        else:
-            state, info = load_export(_export(cfg, out, arm))
-            width = info["width"]
-            states = dict.fromkeys(cfg.probe_seeds, state)
         for seed in cfg.probe_seeds:
             key = f"{arm}/{seed}/{settings[:10]}"
             if key not in cache:
-                cache[key] = probe_dice(states[seed], width, cfg.data.shards, cfg.data.ratio,
-                                        cfg.probe, seed)
+                cache[key] = probe_dice(state(arm, seed), width, cfg.data.shards,
+                                        cfg.data.ratio, cfg.probe, seed)
                 tmp = cache_file.with_suffix(".tmp")
                 tmp.write_text(json.dumps(cache, indent=1) + "\n")
                 tmp.replace(cache_file)

@@ -46,15 +46,6 @@ def probe_keys(shards: str, ratio: str, cfg: ProbeConfig, seed: int) -> tuple[li
     return train[:cfg.labelled], val[:cfg.validation]
 
 
-def random_init(width: int, seed: int) -> dict[str, torch.Tensor]:
-    """The encoder and decoder of a freshly initialised UNet (seeded), in export naming: the
-    probe's reference point, what training from scratch starts from."""
-    torch.manual_seed(seed)
-    model = UNet(width)
-    return {f"{part}.{k}": v for part in ("encoder", "decoder")
-            for k, v in getattr(model, part).state_dict().items()}
-
-
 def probe_dice(encoder_decoder: dict[str, torch.Tensor], width: int, shards: str, ratio: str,
                cfg: ProbeConfig, seed: int, precision: str = "auto") -> float:
     """Best validation Dice of a short fine-tuning from ``encoder_decoder`` (export naming)."""
