@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
-from PIL import Image
 
 import cmunet
 from cmunet.config import check, save_config, to_dict
 from cmunet.data import location
 from cmunet.data.io import IMAGE_SUFFIXES, BadInput, find_images, read_frames, read_mask
 from cmunet.data.meta import ImageMeta, load_meta, sample_key
+from cmunet.data.png import encode_png
 from cmunet.data.preprocess import PreprocessConfig, preprocess_image, preprocess_mask
 from cmunet.data.splits import PAPER_RATIOS, SampleInfo, make_splits, save_splits
 from cmunet.log import logger
@@ -321,7 +321,7 @@ def _samples_of(path: Path, mask_path: Path | None, meta: ImageMeta | None | Exc
                 mask = preprocess_mask(read_mask(mask_path, frame.pixels.shape), cfg.preprocess)
                 if not mask.any():
                     raise BadInput(mask_path, "mask is empty after preprocessing")
-                mask_png = _png(mask.astype(np.uint8) * 255)
+                mask_png = encode_png(mask.astype(np.uint8) * 255)
             except BadInput as err:
                 if not cfg.skip_bad:
                     raise
@@ -339,7 +339,7 @@ def _samples_of(path: Path, mask_path: Path | None, meta: ImageMeta | None | Exc
         values = pixels.astype(np.float64)
         samples.append(Sample(
             key=key if len(frames) == 1 else f"{key}_f{index:04d}",
-            image_png=_png(pixels), mask_png=mask_png,
+            image_png=encode_png(pixels), mask_png=mask_png,
             info={"patient": patient, "spacing": list(spacing) if spacing else None},
             sha256=digest, mean=float(values.mean()), std=float(values.std()),
             dtype=str(pixels.dtype), mask_problem=problem,
@@ -367,12 +367,6 @@ def _meta_for(path: Path, meta: dict[str, ImageMeta] | None) -> ImageMeta | None
 
 def _pseudonym(patient_id: str, salt: str) -> str:
     return hashlib.sha256(f"{salt}:{patient_id}".encode()).hexdigest()[:12]
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def _index_masks(folder: str) -> dict[str, Path]:

@@ -33,7 +33,6 @@ decoders would cut it to 8 bits) and z-scored with each folder's manifest statis
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import os
@@ -44,10 +43,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from cmunet.data import location
+from cmunet.data.png import decode_png
 
 # transform(image float32 (H, W), mask bool (H, W) or None, rng) -> (image, mask)
 Transform = Callable[[np.ndarray, np.ndarray | None, np.random.Generator],
@@ -63,14 +62,6 @@ def load_manifest(shards: str | Path) -> dict:
         raise FileNotFoundError(f"{location.public(location.join(shards, 'manifest.json'))} does "
                                 f"not exist: is {location.public(shards)} a shard set written by "
                                 "tools/shard.py?") from None
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> 2-D uint8/uint16 array (16-bit images keep their 16 bits)."""
-    with Image.open(io.BytesIO(data)) as img:
-        if img.mode.startswith("I;16"):
-            return np.asarray(img, dtype=np.uint16)
-        return np.asarray(img)
 
 
 def rank_and_world() -> tuple[int, int]:
