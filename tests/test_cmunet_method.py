@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmunet.methods.cmunet import CMUNet, CMUNetConfig
+from cmunet.methods.cmunet import CMUNet, CMUNetConfig, spatial_mean
 from cmunet.methods.heads import ema_update
 from cmunet.training.optim import make_optimizer, param_groups, scaled_lr, warmup_cosine
 
@@ -125,3 +125,15 @@ def test_warmup_then_cosine_per_step():
     f = warmup_cosine(total_steps=100, warmup_steps=10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+
+
+def test_spatial_mean_is_the_mean_and_keeps_the_gradient_channels_last():
+    x = torch.randn(2, 8, 12, 20).contiguous(memory_format=torch.channels_last).requires_grad_()
+    pooled = spatial_mean(x)
+    assert pooled.shape == (2, 8, 1, 1)
+    torch.testing.assert_close(pooled, x.mean(dim=(2, 3), keepdim=True))
+    seen = {}
+    y = torch.relu(x)
+    y.register_hook(lambda g: seen.setdefault("grad", g))
+    spatial_mean(y).square().sum().backward()
+    assert seen["grad"].is_contiguous(memory_format=torch.channels_last)

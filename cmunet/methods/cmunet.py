@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cmunet.config import check
@@ -111,7 +112,7 @@ class CMUNet(PretrainMethod):
                                                 self.cfg.norm_pix_loss)
             loss = loss + logs["loss_rec"]
         if self.cfg.contrastive:
-            decoded = self.feature_decoder(features).mean(dim=(2, 3), keepdim=True)
+            decoded = spatial_mean(self.feature_decoder(features))
             query = self.predictor(self.projector(self.adapter(decoded).flatten(1)))
             with torch.no_grad():
                 bottleneck = self.momentum_encoder(target)[-1].mean(dim=(2, 3))
@@ -144,6 +145,13 @@ class CMUNet(PretrainMethod):
                          "reconstruction": to_numpy((recon * (1 - keep) + online * keep)[i, 0]),
                          "target view": to_numpy(target[i, 0])})
         return rows
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Global average pooling to (N, C, 1, 1) whose gradient stays a broadcast view: ``mean``'s
+    backward writes a full NCHW gradient, and the ReLU backward that meets it with channels_last
+    activations took 6x its usual time (2 % of a w16 128² step on a CPU)."""
+    return F.avg_pool2d(x, kernel_size=x.shape[2:])
 
 
 def denormalize_patches(pred: torch.Tensor, reference: torch.Tensor, patch: int) -> torch.Tensor:
