@@ -187,6 +187,9 @@ def tiny_study(tmp_path_factory) -> tuple[Path, str]:
     return out, uri
 
 
+# the fixture's study (2-3 min on 2 idle cores) runs in the first test's setup: the test's
+# timeout must outlast the subprocess's own 1,200 s, which reports the study's output
+@pytest.mark.timeout(1500)
 def test_tiny_study_writes_results(tiny_study):
     out, uri = tiny_study
     cfg = load_config(StudyConfig, TINY)
@@ -218,6 +221,7 @@ def test_tiny_study_writes_results(tiny_study):
     assert "pretrain cmunet seed 0" in names
 
 
+@pytest.mark.timeout(1500)
 def test_tiny_study_resumes_and_reports(tiny_study):
     out, uri = tiny_study
     before = (out / "results.csv").read_text()
