@@ -148,9 +148,9 @@ class CMUNet(PretrainMethod):
 
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:
-    """Global average pooling to (N, C, 1, 1) whose gradient stays a broadcast view: ``mean``'s
-    backward writes a full NCHW gradient, and the ReLU backward that meets it with channels_last
-    activations took 6x its usual time (2 % of a w16 128² step on a CPU)."""
+    """Global average pooling to (N, C, 1, 1) whose gradient keeps the input's channels_last
+    layout: ``mean``'s backward writes an NCHW gradient, and the ReLU backward that meets it with
+    channels_last activations took 6x its usual time (2 % of a w16 128² step on a CPU)."""
     return F.avg_pool2d(x, kernel_size=x.shape[2:])
 
 
