@@ -7,14 +7,18 @@ over seeds) against the pre-training epochs, as ``dose.md`` and ``gain_vs_dose.p
 fine-tuning-pool images only, one probe per seed, cached in ``probes.json``), as is a random
 initialisation with the same seeds (the probe gain is the paired difference), and the Spearman
 correlation of the mean probe Dice with the mean test gain over the doses is reported with a
-bootstrap interval (resampling the doses) and plotted (``probe_vs_gain.png``).
+bootstrap interval (resampling the doses) and plotted (``probe_vs_gain.png``). The study's
+other pre-trained arms (a second pre-training seed, baselines, ablations: arms whose one
+pre-training, ``pretrain_once``, has an export) are probed and tabulated too, and a second
+correlation runs over every pre-trained export: a user comparing runs by ``probe_dice`` in MLflow
+compares such exports, not only the checkpoints of one run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +30,24 @@ from cmunet.study import (Cell, StudyConfig, _mean_std, arm_of, dose_arms, forma
 def dose_report(cfg: StudyConfig, out: Path, rows: list[dict]) -> Path:
     doses = dose_arms(cfg, out)
     reference = cfg.reference or cfg.arms[0]
-    probes = probe_scores(cfg, out, doses) if cfg.probe_seeds else {}
+    others = other_pretrained(cfg, out, rows, doses) if doses else []
+    probes = probe_scores(cfg, out, [*doses, *others]) if cfg.probe_seeds else {}
     budgets = list(dict.fromkeys(r["budget"] for r in rows))
     lines = ["# Dose-response", "",
              f"Paired test-Dice gain over `{reference}` (95 % t interval over seeds) for "
              "fine-tuning from the exports of one pre-training after E epochs (passes over "
-             "its pool)." + (f" Probe: mean probe_dice over seeds {cfg.probe_seeds} "
-                             f"({cfg.probe.epochs} epochs on {cfg.probe.labelled} fine-tuning-pool "
-                             "images), and its mean paired gain over a random initialisation "
-                             f"probed with the same seeds ({np.mean(probes[RANDOM_INIT]):.3f})."
-                             if probes else ""), ""]
+             "its pool)" + (", then the study's other pre-trained arms" if others else "") + "."
+             + (f" Probe: mean probe_dice over seeds {cfg.probe_seeds} "
+                f"({cfg.probe.epochs} epochs on {cfg.probe.labelled} fine-tuning-pool "
+                "images), and its mean paired gain over a random initialisation "
+                f"probed with the same seeds ({np.mean(probes[RANDOM_INIT]):.3f})."
+                if probes else ""), ""]
     series = {}
     for budget in budgets:
         lines += [f"## budget {budget}", "", "| arm | epochs | views | Dice | gain vs "
                   f"{reference} | probe_dice | probe gain |", "|---|---|---|---|---|---|---|"]
         points = []
-        for arm, epochs in sorted(doses.items(), key=lambda item: item[1]):
+        for arm in [*sorted(doses, key=doses.get), *others]:
             dice = [r["dice"] for r in rows if r["arm"] == arm and r["budget"] == budget]
             gain = paired_gain(rows, arm, budget, reference)
             if gain is None:
@@ -50,18 +56,25 @@ def dose_report(cfg: StudyConfig, out: Path, rows: list[dict]) -> Path:
             probe = np.mean(probes[arm]) if arm in probes else None
             probe_gain = (np.mean(np.subtract(probes[arm], probes[RANDOM_INIT]))
                           if arm in probes else None)
-            points.append((epochs, mean, low, high, probe))
-            views = _views(cfg, out, arm)
-            lines.append(f"| {arm} | {epochs} | {views or '–'} | {_mean_std(dice)} | "
+            info = _export_info(cfg, out, arm)
+            points.append(Point(arm, arm in doses, info["epoch"], mean, low, high, probe))
+            views = info["step"] * info["global_batch"] if "global_batch" in info else None
+            lines.append(f"| {arm} | {info['epoch']} | {views or '–'} | {_mean_std(dice)} | "
                          f"{format_gain(mean, low, high, n)} | "
                          f"{'–' if probe is None else f'{probe:.3f}'} | "
                          f"{'–' if probe_gain is None else f'{probe_gain:+.3f}'} |")
         series[budget] = points
-        with_probe = [(p[4], p[1]) for p in points if p[4] is not None]
-        if len(with_probe) >= 3:
-            rho, low, high = spearman_interval(*zip(*with_probe))
-            lines += ["", f"Spearman(probe_dice, gain) over {len(with_probe)} doses: "
-                      f"{rho:+.2f} [{low:+.2f}, {high:+.2f}] (bootstrap over doses)"]
+        with_probe = [p for p in points if p.probe is not None]
+        doses_only = [p for p in with_probe if p.dose]
+        groups = [("doses", doses_only)]
+        if len(with_probe) > len(doses_only):
+            groups.append(("pre-trained exports (every row above)", with_probe))
+        for kind, chosen in groups:
+            if len(chosen) >= 3:
+                rho, low, high = spearman_interval([p.probe for p in chosen],
+                                                   [p.gain for p in chosen])
+                lines += ["", f"Spearman(probe_dice, gain) over {len(chosen)} {kind}: "
+                          f"{rho:+.2f} [{low:+.2f}, {high:+.2f}] (bootstrap over the points)"]
         lines.append("")
     (out / "dose.md").write_text("\n".join(lines))
     _figure(series, reference, out / "gain_vs_dose.png")
@@ -70,22 +83,48 @@ def dose_report(cfg: StudyConfig, out: Path, rows: list[dict]) -> Path:
     return out / "dose.md"
 
 
-def _views(cfg: StudyConfig, out: Path, arm: str) -> int | None:
-    """Views the export's pre-training had seen (steps x global batch), when recorded."""
-    info = json.loads(_export(cfg, out, arm).joinpath("export.json").read_text())
-    return info["step"] * info["global_batch"] if "global_batch" in info else None
+@dataclass
+class Point:
+    """One export's mean test gain (with its interval) and mean probe Dice, for one budget."""
+
+    arm: str
+    dose: bool  # one of the doses (else another pre-trained arm)
+    epochs: int
+    gain: float
+    low: float
+    high: float
+    probe: float | None
+
+
+def other_pretrained(cfg: StudyConfig, out: Path, rows: list[dict],
+                     doses: dict[str, int]) -> list[str]:
+    """The arms with result rows, other than the doses and the reference, that fine-tune from
+    the final or periodic export of one pre-training (``pretrain_once``) found under ``out``."""
+    reference = cfg.reference or cfg.arms[0]
+    found = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        if arm in doses or arm == reference or not cfg.pretrain_once:
+            continue
+        if arm_of(cfg, arm).method != "none" and (_export(cfg, out, arm) / "export.json").exists():
+            found.append(arm)
+    return found
+
+
+def _export_info(cfg: StudyConfig, out: Path, arm: str) -> dict:
+    return json.loads(_export(cfg, out, arm).joinpath("export.json").read_text())
 
 
 def _export(cfg: StudyConfig, out: Path, arm: str) -> Path:
     shared = arm_of(cfg, arm)
-    folder = out / "pretrain" / pretrain_name(cfg, Cell(shared.share, "all", cfg.seeds[0]))[0]
+    source = shared.share or arm
+    folder = out / "pretrain" / pretrain_name(cfg, Cell(source, "all", cfg.seeds[0]))[0]
     return folder / "exports" / shared.export if shared.export else folder / "export"
 
 
 RANDOM_INIT = "random init"  # the probe's reference: a freshly initialised UNet, per seed
 
 
-def probe_scores(cfg: StudyConfig, out: Path, doses: dict[str, int]) -> dict[str, list[float]]:
+def probe_scores(cfg: StudyConfig, out: Path, arms: list[str]) -> dict[str, list[float]]:
     """Arm -> probe Dice of its export, one per probe seed, and the same for a random
     initialisation (:data:`RANDOM_INIT`: method ``none``'s export for that seed). Computed once,
     cached in ``probes.json`` under the probe's settings (other settings are other entries)."""
@@ -98,8 +137,9 @@ def probe_scores(cfg: StudyConfig, out: Path, doses: dict[str, int]) -> dict[str
     cache_file = out / "probes.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     settings = hashlib.sha1(json.dumps(asdict(cfg.probe), sort_keys=True).encode()).hexdigest()
-    exports = {arm: load_export(_export(cfg, out, arm)) for arm in doses}
-    width = next(iter(exports.values()))[1]["width"]
+    exports = {arm: load_export(_export(cfg, out, arm)) for arm in arms}
+    widths = {arm: info["width"] for arm, (_, info) in exports.items()}
+    width = widths[arms[0]]  # the random initialisation's: the first arm's (a dose's)
 
     def state(arm: str, seed: int) -> dict:
         if arm != RANDOM_INIT:
@@ -108,11 +148,11 @@ def probe_scores(cfg: StudyConfig, out: Path, doses: dict[str, int]) -> dict[str
         return RandomInit(width).export_state()
 
     scores: dict[str, list[float]] = {}
-    for arm in [*doses, RANDOM_INIT]:
+    for arm in [*arms, RANDOM_INIT]:
         for seed in cfg.probe_seeds:
             key = f"{arm}/{seed}/{settings[:10]}"
             if key not in cache:
-                cache[key] = probe_dice(state(arm, seed), width, cfg.data.shards,
+                cache[key] = probe_dice(state(arm, seed), widths.get(arm, width), cfg.data.shards,
                                         cfg.data.ratio, cfg.probe, seed)
                 tmp = cache_file.with_suffix(".tmp")
                 tmp.write_text(json.dumps(cache, indent=1) + "\n")
@@ -139,7 +179,7 @@ def spearman_interval(x, y, resamples: int = 2000, seed: int = 0) -> tuple[float
     return rho, float(low), float(high)
 
 
-def _figure(series: dict, reference: str, path: Path) -> None:
+def _figure(series: dict[str, list[Point]], reference: str, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -147,9 +187,11 @@ def _figure(series: dict, reference: str, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for budget, points in series.items():
+        points = [p for p in points if p.dose]
         if not points:
             continue
-        epochs, mean, low, high, _ = (np.array(v, dtype=float) for v in zip(*points))
+        epochs, mean, low, high = (np.array(v, dtype=float) for v in
+                                   zip(*[(p.epochs, p.gain, p.low, p.high) for p in points]))
         ax.errorbar(epochs, mean, yerr=[mean - low, high - mean], marker="o", capsize=3,
                     label=f"{budget} labels")
     ax.axhline(0, color="gray", lw=0.8)
@@ -161,20 +203,29 @@ def _figure(series: dict, reference: str, path: Path) -> None:
     _save(fig, path)
 
 
-def _probe_figure(series: dict, path: Path) -> None:
+def _probe_figure(series: dict[str, list[Point]], path: Path) -> None:
+    """Doses as filled circles labelled with their epochs, other arms as open squares labelled
+    with their names."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5, 4), dpi=120)
+    fig = Figure(figsize=(6, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for budget, points in series.items():
-        shown = [p for p in points if p[4] is not None]
-        if shown:
-            ax.scatter([p[4] for p in shown], [p[1] for p in shown], label=f"{budget} labels")
-            for epochs, gain, _, _, probe in shown:
-                ax.annotate(str(epochs), (probe, gain), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+        color = None
+        for dose in (True, False):
+            shown = [p for p in points if p.probe is not None and p.dose == dose]
+            if not shown:
+                continue
+            drawn = ax.scatter([p.probe for p in shown], [p.gain for p in shown], color=color,
+                               marker="o" if dose else "s",
+                               facecolors=None if dose else "none",
+                               label=f"{budget} labels" + ("" if dose else ", other arms"))
+            color = drawn.get_edgecolor()[0] if dose else color
+            for p in shown:
+                ax.annotate(str(p.epochs) if dose else p.arm, (p.probe, p.gain), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("probe_dice of the export (mean over probe seeds)")
     ax.set_ylabel("mean test Dice gain")
     ax.grid(alpha=0.3)

@@ -275,7 +275,7 @@ def test_dose_probe_has_a_random_init_reference_and_a_cache_per_setting(tmp_path
     for other ones. (The probe itself is replaced by a function of its inputs here; it is run
     for real by the pre-training job's test.)"""
     import cmunet.training.probe as probe_module
-    from cmunet.dose import RANDOM_INIT, dose_report, probe_scores
+    from cmunet.dose import RANDOM_INIT, dose_report, other_pretrained, probe_scores
     from cmunet.models.export import save_export
     from cmunet.models.unet import UNet
     from cmunet.study import dose_arms
@@ -285,9 +285,11 @@ def test_dose_probe_has_a_random_init_reference_and_a_cache_per_setting(tmp_path
                       pretrain_once=True, probe_seeds=[0, 1], probe=ProbeConfig(epochs=3),
                       variants={"long": Arm(method="cmunet"),
                                 "d2": Arm(share="long", export="epoch_0002"),
-                                "dfinal": Arm(share="long")})
+                                "dfinal": Arm(share="long"), "base": Arm(method="mae"),
+                                "unexported": Arm(method="moco")})
     folder = tmp_path / "pretrain" / "long-s0"
-    for part, epoch, bias in (("exports/epoch_0002", 2, 0.1), ("export", 20, 0.3)):
+    for part, epoch, bias in (("exports/epoch_0002", 2, 0.1), ("export", 20, 0.3),
+                              ("../base-s0/export", 20, 0.2)):
         unet = UNet(4)
         state = {f"{p}.{k}": v for p in ("encoder", "decoder")
                  for k, v in getattr(unet, p).state_dict().items()}
@@ -300,7 +302,7 @@ def test_dose_probe_has_a_random_init_reference_and_a_cache_per_setting(tmp_path
         calls.append(seed)
         return 0.5 + float(state["encoder.stem.1.bias"].mean()) + 0.01 * seed
     monkeypatch.setattr(probe_module, "probe_dice", fake_probe)
-    doses = dose_arms(cfg, tmp_path)
+    doses = list(dose_arms(cfg, tmp_path))
     scores = probe_scores(cfg, tmp_path, doses)
     assert scores == {"d2": pytest.approx([0.6, 0.61]), "dfinal": pytest.approx([0.8, 0.81]),
                       RANDOM_INIT: pytest.approx([0.5, 0.51])}
@@ -314,6 +316,19 @@ def test_dose_probe_has_a_random_init_reference_and_a_cache_per_setting(tmp_path
     text = dose_report(cfg, tmp_path, rows).read_text()
     assert ("| dfinal | 20 | 960 | 0.630 ± 0.000 | +0.030 [+0.030, +0.030] (n=2) | 0.805 | "
             "+0.300 |") in text
+    assert "Spearman" not in text  # two doses, nothing else pre-trained: no correlation
+    # the other pre-trained arms (own pre-training, pretrain_once) are probed and correlated
+    # with the doses; the reference and an arm without an export are not
+    rows += [{"arm": arm, "budget": "4", "seed": seed, "dice": 0.6 + gain}
+             for arm, gain in {"base": 0.02, "unexported": 0.05}.items() for seed in (0, 1)]
+    assert other_pretrained(cfg, tmp_path, rows, dose_arms(cfg, tmp_path)) == ["base"]
+    text = dose_report(cfg, tmp_path, rows).read_text()
+    assert "| base | 20 | 960 | 0.620 ± 0.000 | +0.020 [+0.020, +0.020] (n=2) | 0.705 |" in text
+    assert "unexported" not in text
+    assert "over 3 pre-trained exports (every row above): +1.00" in text
+    assert "over 2 doses" not in text
+    assert len(calls) == 14  # base's two probes only; the rest came from the cache
+    assert (tmp_path / "probe_vs_gain.png").stat().st_size > 0
 
 
 def test_sigterm_stops_the_study_after_its_pretraining_checkpoint(tmp_path):
