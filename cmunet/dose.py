@@ -100,10 +100,12 @@ def other_pretrained(cfg: StudyConfig, out: Path, rows: list[dict],
                      doses: dict[str, int]) -> list[str]:
     """The arms with result rows, other than the doses and the reference, that fine-tune from
     the final or periodic export of one pre-training (``pretrain_once``) found under ``out``."""
+    if not cfg.pretrain_once:
+        return []
     reference = cfg.reference or cfg.arms[0]
     found = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
-        if arm in doses or arm == reference or not cfg.pretrain_once:
+        if arm in doses or arm == reference:
             continue
         if arm_of(cfg, arm).method != "none" and (_export(cfg, out, arm) / "export.json").exists():
             found.append(arm)
@@ -139,20 +141,20 @@ def probe_scores(cfg: StudyConfig, out: Path, arms: list[str]) -> dict[str, list
     settings = hashlib.sha1(json.dumps(asdict(cfg.probe), sort_keys=True).encode()).hexdigest()
     exports = {arm: load_export(_export(cfg, out, arm)) for arm in arms}
     widths = {arm: info["width"] for arm, (_, info) in exports.items()}
-    width = widths[arms[0]]  # the random initialisation's: the first arm's (a dose's)
+    widths[RANDOM_INIT] = widths[arms[0]]  # the first arm's (a dose's)
 
     def state(arm: str, seed: int) -> dict:
         if arm != RANDOM_INIT:
             return exports[arm][0]
         torch.manual_seed(seed)
-        return RandomInit(width).export_state()
+        return RandomInit(widths[arm]).export_state()
 
     scores: dict[str, list[float]] = {}
     for arm in [*arms, RANDOM_INIT]:
         for seed in cfg.probe_seeds:
             key = f"{arm}/{seed}/{settings[:10]}"
             if key not in cache:
-                cache[key] = probe_dice(state(arm, seed), widths.get(arm, width), cfg.data.shards,
+                cache[key] = probe_dice(state(arm, seed), widths[arm], cfg.data.shards,
                                         cfg.data.ratio, cfg.probe, seed)
                 tmp = cache_file.with_suffix(".tmp")
                 tmp.write_text(json.dumps(cache, indent=1) + "\n")
