@@ -137,3 +137,73 @@ def test_spatial_mean_is_the_mean_and_keeps_the_gradient_channels_last():
     y.register_hook(lambda g: seen.setdefault("grad", g))
     spatial_mean(y).square().sum().backward()
     assert seen["grad"].is_contiguous(memory_format=torch.channels_last)
+
+
+def projector_inputs(adapter: str, views: int = 384, batch: int = 16, size: int = 64):
+    """(online, target) projector inputs of a random-weight width-16 CM-UNet on ``views``
+    random views, in training mode as in a step: g_s's input (adapter, pooled) and g_t's."""
+    from cmunet.methods.masking import pixel_mask
+
+    torch.manual_seed(0)
+    method = CMUNet(CMUNetConfig(adapter=adapter, mlp_hidden=64, mlp_out=32), width=16,
+                    view_size=size)
+    gen, online, target = torch.Generator().manual_seed(0), [], []
+    with torch.no_grad():
+        for _ in range(views // batch):
+            a, b, mask = method.views(torch.randn(batch, 1, size + 16, size + 16), gen)
+            masked = a * (1 - pixel_mask(mask, 16)).to(a.dtype)
+            online.append(method.online_embedding(method.encoder(masked)))
+            target.append(method.target_embedding(b))
+    return torch.cat(online).double(), torch.cat(target).double()
+
+
+def span_report(online: torch.Tensor, target: torch.Tensor, tolerance: float = 1e-3):
+    """(numerical rank of the centred online inputs: singular values above ``tolerance`` times
+    the largest, the fraction of the centred target inputs' variance outside their span)."""
+    online, target = online - online.mean(0), target - target.mean(0)
+    _, s, vt = torch.linalg.svd(online, full_matrices=False)
+    basis = vt[: int((s > tolerance * s[0]).sum())]
+    outside = target - target @ basis.t() @ basis
+    return basis.shape[0], float(outside.square().sum() / target.square().sum())
+
+
+@pytest.mark.parametrize("adapter", ["conv-bn-relu", "linear-pooled"])
+def test_online_projector_sees_the_space_of_the_target_projector(adapter):
+    """Width 16, 384 random views: g_s's input has rank >= 90 % of its 256 dimensions and at
+    most 25 % of g_t's input variance lies outside its span. The old layout (a linear adapter
+    after pooling) fails both: rank w = 16, over 90 % outside."""
+    online, target = projector_inputs(adapter)
+    assert online.shape[1] == target.shape[1] == 256
+    rank, outside = span_report(online, target)
+    if adapter == "conv-bn-relu":
+        assert rank >= 0.9 * 256 and outside <= 0.25, (rank, outside)
+    else:
+        assert rank <= 17 and outside > 0.9, (rank, outside)
+
+
+def test_constant_ema_schedule_keeps_the_momentum():
+    method = small(ema_schedule="constant", ema_start=0.99)
+    assert method.after_step(0.0)["ema_momentum"] == method.after_step(0.9)["ema_momentum"] == 0.99
+    cosine = small(ema_start=0.99)
+    assert cosine.after_step(0.9)["ema_momentum"] > 0.99
+
+
+def test_head_lr_scale_gives_the_heads_their_own_lr():
+    method = small(head_lr_scale=0.1)
+    optimizer = make_optimizer(method, 1e-3, 0.05, (0.9, 0.95))
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in method.named_parameters():
+        if p.requires_grad:
+            head = name.startswith(("adapter", "projector", "predictor"))
+            assert lr_of[id(p)] == pytest.approx(1e-4 if head else 1e-3), name
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)  # the schedule scales both
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([5e-5, 5e-4])
+
+
+def test_every_step_logs_the_contrastive_health():
+    loss, logs = small()(images(), torch.Generator().manual_seed(0))
+    for name in ("con_top1", "con_top1_chance", "query_std", "key_std", "std_healthy",
+                 "loss_con_chance"):
+        assert logs[name].ndim == 0, name
+    assert logs["con_top1_chance"].item() == pytest.approx(1 / 4)  # 4 images, one rank
+    assert 0 <= logs["con_top1"].item() <= 1

@@ -53,6 +53,16 @@ def test_deepspeed_two_cpu_ranks(tiny_shards, tmp_path):
     runs = runs_in(tmp_path / "mlflow.db")  # the default store: ./mlflow.db
     assert len(runs) == 1 and runs[0].data.params["resolved.world_size"] == "2"
     assert "loss" in runs[0].data.metrics and runs[0].info.status == "FINISHED"
+    # the contrastive branch's health, per logged step, in log.csv and MLflow, with its
+    # reference values: chance over the global batch of 2 ranks x 4 = 8 keys
+    health = ("con_top1", "con_top1_chance", "query_std", "key_std", "std_healthy",
+              "loss_con_chance")
+    with (tmp_path / "OUT" / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(set(health) <= set(r) for r in rows)
+    assert {float(r["con_top1_chance"]) for r in rows} == {1 / 8}
+    assert all(0 <= float(r["con_top1"]) <= 1 and float(r["key_std"]) > 0 for r in rows)
+    assert set(health) <= set(runs[0].data.metrics)
 
 
 def test_plain_python_resumes_and_reproduces_the_next_losses(tiny_shards, tmp_path):

@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cmunet.methods.heads import cosine_momentum
-from cmunet.methods.losses import global_info_nce, info_nce, masked_patch_mse
+from cmunet.methods.losses import (contrastive_health, global_info_nce, info_nce,
+                                   masked_patch_mse)
 from cmunet.methods.masking import patchify, pixel_mask, random_patch_mask
 from cmunet.training.distributed import free_port
 
@@ -55,9 +56,11 @@ def _rank_loss(rank, port, queries, keys, out):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     half = queries.shape[0] // 2
     local = slice(rank * half, (rank + 1) * half)
-    loss = global_info_nce(queries[local], keys[local], 0.07)
+    loss, health = global_info_nce(queries[local], keys[local], 0.07)
     dist.all_reduce(loss)  # mean over ranks = mean over the global batch
-    out[rank] = loss.item() / 2
+    top1 = health["con_top1"].clone()
+    dist.all_reduce(top1)
+    out[rank] = (loss.item() / 2, top1.item() / 2, health["con_top1_chance"].item())
     dist.destroy_process_group()
 
 
@@ -67,7 +70,34 @@ def test_global_info_nce_on_two_gloo_ranks_equals_single_process():
     out = mp.Manager().dict()
     mp.spawn(_rank_loss, args=(free_port(), queries, keys, out), nprocs=2)
     single = info_nce(queries, keys, 0.07).item()
-    assert out[0] == pytest.approx(single, rel=1e-6) and out[1] == pytest.approx(single, rel=1e-6)
+    top1 = contrastive_health(queries, keys, 0.07)["con_top1"].item()
+    for rank in (0, 1):  # the positives sit at each rank's offset among the gathered keys
+        assert out[rank][0] == pytest.approx(single, rel=1e-6)
+        assert out[rank][1:] == pytest.approx((top1, 1 / 8))
+
+
+def test_contrastive_health_by_hand():
+    keys = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])
+    queries = torch.tensor([[2.0, 0.1], [1.0, 0.0], [0.0, -1.0]])  # nearest keys: 0, 0, 2
+    health = contrastive_health(queries, keys, tau=0.1)
+    assert health["con_top1"].item() == pytest.approx(1 / 3)
+    assert health["con_top1_chance"].item() == pytest.approx(1 / 3)
+    assert health["loss_con_chance"].item() == pytest.approx(0.2 * math.log(3))
+    assert health["std_healthy"].item() == pytest.approx(1 / math.sqrt(2))
+    unit = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    assert health["key_std"].item() == pytest.approx(unit.std(dim=0).mean().item())
+    # positives at an offset: query i pairs with key i + 1
+    assert contrastive_health(keys[1:], keys, 0.1, offset=1)["con_top1"].item() == 1.0
+
+
+def test_collapsed_embeddings_score_chance_everywhere():
+    """All keys equal: every figure sits at its collapsed value."""
+    queries, keys = torch.randn(6, 4), torch.ones(6, 4)
+    health = contrastive_health(queries, keys, tau=0.2)
+    assert health["key_std"].item() == pytest.approx(0.0, abs=1e-6)
+    assert info_nce(queries, keys, 0.2).item() == pytest.approx(health["loss_con_chance"].item())
+    collapsed = contrastive_health(keys, keys, tau=0.2)
+    assert collapsed["query_std"].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_masks_are_per_image_with_the_exact_ratio():

@@ -8,19 +8,25 @@ by a random 0..P pixels in x and y (pixel shifting), with Gaussian noise on half
   set to 0 (one random mask per image); the pixel decoder D_p (UNet decoder with E_s's skips) and
   a 1x1 conv predict the image; MSE on the masked patches against per-patch normalised pixels.
 * contrastive: the feature decoder D_f (same architecture, own weights) decodes E_s's features;
-  a trainable 1x1 adapter maps its w channels to the bottleneck's 16w, then global average
-  pooling, projector g_s and predictor q. The momentum encoder E_t and projector g_t (EMA copies)
-  encode the target view's bottleneck, pooled. InfoNCE (tau 0.07, negatives = the global batch,
-  all-gathered), scaled by 2 tau.  L = L_rec + lambda_con * L_con.
+  an adapter (1x1 conv w -> 16w, BN, ReLU, at every pixel) brings them to the bottleneck's
+  width, then global average pooling, projector g_s and predictor q. The momentum encoder E_t
+  and projector g_t (EMA copies) encode the target view's bottleneck, pooled. InfoNCE (tau 0.07,
+  negatives = the global batch, all-gathered), scaled by 2 tau.  L = L_rec + lambda_con * L_con.
 
-The adapter is applied after pooling: a 1x1 conv commutes with global average pooling, so this
-is the same function at 1/S² of the cost. ``reconstruction=False`` or ``contrastive=False`` give
-the paper's missing ablations (the unused branch is not built).
+The adapter is non-linear and comes BEFORE pooling, so that g_s is trained on the space g_t (its
+EMA copy) is used on: pooled post-ReLU 16w-channel features that fill all 16w dimensions. A
+linear adapter after pooling (``adapter="linear-pooled"``, our first layout, kept to reproduce
+it) confines g_s's input to a (w+1)-dimensional affine slice of the 16w, while the key's input
+fills them: the key came mostly from directions g_s never learnt (docs/methods.md).
+``reconstruction=False`` or ``contrastive=False`` give the paper's missing ablations (the unused
+branch is not built). Every step also returns the branch's health
+(:func:`cmunet.methods.losses.contrastive_health`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +56,13 @@ class CMUNetConfig:
     tau: float = 0.07
     mlp_hidden: int = 2048
     mlp_out: int = 256
+    # online layout into g_s; linear-pooled is the old one, which could not learn (methods.md)
+    adapter: Literal["conv-bn-relu", "linear-pooled"] = "conv-bn-relu"
+    # constant: m = ema_start throughout (CMAE); cosine: ema_start -> ema_end (BYOL; freezes)
+    ema_schedule: Literal["constant", "cosine"] = "cosine"
     ema_start: float = 0.996
-    ema_end: float = 1.0
+    ema_end: float = 1.0  # cosine only
+    head_lr_scale: float = 1.0  # lr multiplier for the adapter, projector and predictor
 
     def __post_init__(self):
         check(self.reconstruction or self.contrastive, "reconstruction",
@@ -59,6 +70,7 @@ class CMUNetConfig:
         check(0 < self.mask_ratio < 1, "mask_ratio", "must be in (0, 1)")
         check(self.tau > 0, "tau", "must be positive")
         check(0 <= self.ema_start <= self.ema_end <= 1, "ema_start", "must be <= ema_end <= 1")
+        check(self.head_lr_scale > 0, "head_lr_scale", "must be positive")
 
 
 class CMUNet(PretrainMethod):
@@ -77,7 +89,8 @@ class CMUNet(PretrainMethod):
             self.pixel_head = nn.Conv2d(width, 1, kernel_size=1)
         if cfg.contrastive:
             self.feature_decoder = Decoder(width)  # D_f
-            self.adapter = nn.Conv2d(width, 16 * width, kernel_size=1)
+            self.adapter = (adapter(width) if cfg.adapter == "conv-bn-relu"
+                            else nn.Conv2d(width, 16 * width, kernel_size=1))
             self.projector = MLP(16 * width, cfg.mlp_hidden, cfg.mlp_out)  # g_s
             self.predictor = MLP(cfg.mlp_out, cfg.mlp_hidden, cfg.mlp_out)  # q
             self.momentum_encoder = frozen_copy(self.encoder)  # E_t
@@ -85,6 +98,7 @@ class CMUNet(PretrainMethod):
         # contrastive-only runs export the feature decoder as the decoder
         self.parts = {"encoder": "encoder",
                       "decoder": "decoder" if cfg.reconstruction else "feature_decoder"}
+        self.lr_scales = {name: cfg.head_lr_scale for name in ("adapter", "projector", "predictor")}
 
     def views(self, images: torch.Tensor, gen: torch.Generator):
         """(online view, target view, patch mask) for a batch of base images."""
@@ -112,20 +126,31 @@ class CMUNet(PretrainMethod):
                                                 self.cfg.norm_pix_loss)
             loss = loss + logs["loss_rec"]
         if self.cfg.contrastive:
-            decoded = spatial_mean(self.feature_decoder(features))
-            query = self.predictor(self.projector(self.adapter(decoded).flatten(1)))
+            query = self.predictor(self.projector(self.online_embedding(features)))
             with torch.no_grad():
-                bottleneck = self.momentum_encoder(target)[-1].mean(dim=(2, 3))
-                key = self.momentum_projector(bottleneck)
-            logs["loss_con"] = global_info_nce(query, key, self.cfg.tau)
+                key = self.momentum_projector(self.target_embedding(target))
+            logs["loss_con"], health = global_info_nce(query, key, self.cfg.tau)
+            logs.update(health)
             loss = loss + self.cfg.lambda_con * logs["loss_con"]
         logs["loss"] = loss
         return loss, logs
 
+    def online_embedding(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """g_s's input: D_f's output through the adapter, pooled -> (N, 16w)."""
+        decoded = self.feature_decoder(features)
+        if self.cfg.adapter == "linear-pooled":
+            return self.adapter(spatial_mean(decoded)).flatten(1)
+        return spatial_mean(self.adapter(decoded)).flatten(1)
+
+    def target_embedding(self, target: torch.Tensor) -> torch.Tensor:
+        """g_t's input: E_t's bottleneck of the target view, pooled -> (N, 16w)."""
+        return spatial_mean(self.momentum_encoder(target)[-1]).flatten(1)
+
     def after_step(self, progress: float) -> dict[str, float]:
         if not self.cfg.contrastive:
             return {}
-        self.momentum = cosine_momentum(progress, self.cfg.ema_start, self.cfg.ema_end)
+        if self.cfg.ema_schedule == "cosine":
+            self.momentum = cosine_momentum(progress, self.cfg.ema_start, self.cfg.ema_end)
         ema_update(self.momentum_encoder, self.encoder, self.momentum)
         ema_update(self.momentum_projector, self.projector, self.momentum)
         return {"ema_momentum": self.momentum}
@@ -145,6 +170,13 @@ class CMUNet(PretrainMethod):
                          "reconstruction": to_numpy((recon * (1 - keep) + online * keep)[i, 0]),
                          "target view": to_numpy(target[i, 0])})
         return rows
+
+
+def adapter(width: int) -> nn.Sequential:
+    """1x1 conv w -> 16w, BN, ReLU: per pixel, before pooling (non-linear, so the pooled
+    output is not confined to a (w+1)-dimensional slice as a linear map of pooled features)."""
+    return nn.Sequential(nn.Conv2d(width, 16 * width, kernel_size=1, bias=False),
+                         nn.BatchNorm2d(16 * width), nn.ReLU(inplace=True))
 
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -50,8 +52,36 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, tau: float, offset: int = 
     return 2 * tau * F.cross_entropy(logits, labels)
 
 
-def global_info_nce(query: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
-    """InfoNCE against the targets of all ranks (all-gathered): negatives = the global batch."""
+def global_info_nce(query: torch.Tensor, target: torch.Tensor,
+                    tau: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """InfoNCE against the targets of all ranks (all-gathered): negatives = the global batch.
+    Returns the loss and the branch's health (:func:`contrastive_health`)."""
     keys = gather_batch(target.detach())
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return info_nce(query, keys, tau, offset=rank * query.shape[0])
+    offset = rank * query.shape[0]
+    return info_nce(query, keys, tau, offset), contrastive_health(query, keys, tau, offset)
+
+
+@torch.no_grad()
+def contrastive_health(query: torch.Tensor, keys: torch.Tensor, tau: float,
+                       offset: int = 0) -> dict[str, torch.Tensor]:
+    """Whether a contrastive branch learns, next to the value each figure has when it does not.
+
+    * ``con_top1``: the fraction of (local) queries whose most similar key among the global
+      batch is their own positive, against ``con_top1_chance`` = 1 / the number of keys;
+    * ``query_std``, ``key_std``: the standard deviation over the batch of the l2-normalised
+      queries (local) and keys (global), averaged over dimensions: about ``std_healthy`` =
+      1/sqrt(d) for embeddings spread over the sphere, 0 when they collapse to one point
+      (SimSiam's monitor);
+    * ``loss_con_chance``: :func:`info_nce` when every similarity is equal (a collapsed or
+      untrained branch), 2 tau log(number of keys).
+    """
+    q = F.normalize(query.detach().float(), dim=1)
+    k = F.normalize(keys.float(), dim=1)
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    top1 = ((q @ k.t()).argmax(dim=1) == labels).float().mean()
+    n, d = k.shape
+    constant = {"con_top1_chance": 1 / n, "std_healthy": 1 / math.sqrt(d),
+                "loss_con_chance": 2 * tau * math.log(n)}
+    return {"con_top1": top1, "query_std": q.std(dim=0).mean(), "key_std": k.std(dim=0).mean(),
+            **{name: torch.tensor(value, device=q.device) for name, value in constant.items()}}
