@@ -16,15 +16,15 @@ compares such exports, not only the checkpoints of one run.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cmunet.study import (Cell, StudyConfig, _mean_std, arm_of, dose_arms, format_gain,
-                          paired_gain, pretrain_name)
+                          grid_edge_line, paired_gain, pretrain_name)
+from cmunet.training.probe import RANDOM_INIT
 
 
 def dose_report(cfg: StudyConfig, out: Path, rows: list[dict]) -> Path:
@@ -41,7 +41,7 @@ def dose_report(cfg: StudyConfig, out: Path, rows: list[dict]) -> Path:
                 f"({cfg.probe.epochs} epochs on {cfg.probe.labelled} fine-tuning-pool "
                 "images), and its mean paired gain over a random initialisation "
                 f"probed with the same seeds ({np.mean(probes[RANDOM_INIT]):.3f})."
-                if probes else ""), ""]
+                if probes else ""), "", grid_edge_line(rows), ""]
     series = {}
     for budget in budgets:
         lines += [f"## budget {budget}", "", "| arm | epochs | views | Dice | gain vs "
@@ -123,44 +123,14 @@ def _export(cfg: StudyConfig, out: Path, arm: str) -> Path:
     return folder / "exports" / shared.export if shared.export else folder / "export"
 
 
-RANDOM_INIT = "random init"  # the probe's reference: a freshly initialised UNet, per seed
-
-
 def probe_scores(cfg: StudyConfig, out: Path, arms: list[str]) -> dict[str, list[float]]:
     """Arm -> probe Dice of its export, one per probe seed, and the same for a random
-    initialisation (:data:`RANDOM_INIT`: method ``none``'s export for that seed). Computed once,
-    cached in ``probes.json`` under the probe's settings (other settings are other entries)."""
-    import torch
+    initialisation (:data:`RANDOM_INIT`), cached in ``probes.json``
+    (:func:`cmunet.training.probe.probe_exports`)."""
+    from cmunet.training.probe import probe_exports
 
-    from cmunet.methods.none import RandomInit
-    from cmunet.models.export import load_export
-    from cmunet.training.probe import probe_dice
-
-    cache_file = out / "probes.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    settings = hashlib.sha1(json.dumps(asdict(cfg.probe), sort_keys=True).encode()).hexdigest()
-    exports = {arm: load_export(_export(cfg, out, arm)) for arm in arms}
-    widths = {arm: info["width"] for arm, (_, info) in exports.items()}
-    widths[RANDOM_INIT] = widths[arms[0]]  # the first arm's (a dose's)
-
-    def state(arm: str, seed: int) -> dict:
-        if arm != RANDOM_INIT:
-            return exports[arm][0]
-        torch.manual_seed(seed)
-        return RandomInit(widths[arm]).export_state()
-
-    scores: dict[str, list[float]] = {}
-    for arm in [*arms, RANDOM_INIT]:
-        for seed in cfg.probe_seeds:
-            key = f"{arm}/{seed}/{settings[:10]}"
-            if key not in cache:
-                cache[key] = probe_dice(state(arm, seed), widths[arm], cfg.data.shards,
-                                        cfg.data.ratio, cfg.probe, seed)
-                tmp = cache_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps(cache, indent=1) + "\n")
-                tmp.replace(cache_file)
-            scores.setdefault(arm, []).append(cache[key])
-    return scores
+    return probe_exports({arm: _export(cfg, out, arm) for arm in arms}, cfg.data.shards,
+                         cfg.data.ratio, cfg.probe, cfg.probe_seeds, out / "probes.json")
 
 
 def spearman_interval(x, y, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:

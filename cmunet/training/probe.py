@@ -7,7 +7,10 @@ checkpoints can be sorted in the MLflow UI by a downstream figure rather than by
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -61,3 +64,40 @@ def probe_dice(encoder_decoder: dict[str, torch.Tensor], width: int, shards: str
                         train=TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size,
                                           lr=cfg.lr, precision=precision))
     return fit(ft, train, val, initial_state=cpu_state(model)).best_val_dice
+
+
+RANDOM_INIT = "random init"  # the probe's reference: a freshly initialised UNet, per seed
+
+
+def probe_exports(exports: dict[str, Path], shards: str, ratio: str, cfg: ProbeConfig,
+                  seeds: list[int], cache_file: Path) -> dict[str, list[float]]:
+    """Name -> probe Dice of that export folder, one per seed, and the same for a random
+    initialisation (:data:`RANDOM_INIT`, method ``none``'s initialisation for each seed, at the
+    first export's width). Computed once, cached in ``cache_file`` (JSON, written atomically)
+    under the probe's settings (other settings are other entries)."""
+    from cmunet.methods.none import RandomInit
+    from cmunet.models.export import load_export
+
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    settings = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()
+    loaded = {name: load_export(folder) for name, folder in exports.items()}
+    widths = {name: info["width"] for name, (_, info) in loaded.items()}
+    widths[RANDOM_INIT] = next(iter(widths.values()))
+
+    def state(name: str, seed: int) -> dict:
+        if name != RANDOM_INIT:
+            return loaded[name][0]
+        torch.manual_seed(seed)
+        return RandomInit(widths[name]).export_state()
+
+    scores: dict[str, list[float]] = {}
+    for name in [*exports, RANDOM_INIT]:
+        for seed in seeds:
+            key = f"{name}/{seed}/{settings[:10]}"
+            if key not in cache:
+                cache[key] = probe_dice(state(name, seed), widths[name], shards, ratio, cfg, seed)
+                tmp = cache_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(cache, indent=1) + "\n")
+                tmp.replace(cache_file)
+            scores.setdefault(name, []).append(cache[key])
+    return scores
