@@ -25,6 +25,7 @@ import json
 import math
 import random
 import shlex
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -44,6 +45,7 @@ from cmunet.training.launcher import job_overrides, pretrain_command, run_logged
 LOG = logger(__name__)
 METRICS = ("dice", "cldice", "iou", "hd", "add")
 UNDEFINED = ("hd", "add")  # undefined (None) for an empty prediction: counted, never averaged
+UNKNOWN = "unknown"  # grid_edge of a cell whose search predates that record
 
 
 @dataclass
@@ -309,7 +311,11 @@ def finetune(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> dict:
 # ---- reporting -----------------------------------------------------------------------------
 
 def collect(cfg: StudyConfig, out: Path) -> list[dict]:
-    """One row per finished cell, from the cells' files."""
+    """One row per finished cell, from the cells' files. ``grid_edge``: where the search's winner
+    sat on an edge of its grid (:func:`cmunet.training.tune.edge_labels`; "" nowhere,
+    :data:`UNKNOWN` for a search that did not record it)."""
+    from cmunet.training.tune import edge_labels
+
     rows = []
     for cell in cells(cfg):
         folder = out / "cells" / cell.name
@@ -330,6 +336,7 @@ def collect(cfg: StudyConfig, out: Path) -> list[dict]:
         for name in UNDEFINED:  # test images without a value: a model outputting nothing is seen
             row[f"{name}_undefined"] = (metrics.get(name) or {}).get("n_undefined")
         row["tune_run_id"] = result.get("parent_run_id")
+        row["grid_edge"] = edge_labels(result["grid_edge"]) if "grid_edge" in result else UNKNOWN
         rows.append(row)
     return rows
 
@@ -427,6 +434,21 @@ def format_gain(mean: float, low: float, high: float, n: int) -> str:
     return f"{mean:+.3f} (n=1)" if n == 1 else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={n})"
 
 
+def grid_edge_line(rows: list[dict]) -> str:
+    """How many cells' search winners sat on an edge of their grid, and on which (the labels of
+    ``grid_edge``, counted). A row without ``grid_edge`` (an older results.csv) is unknown."""
+    known = [r["grid_edge"] for r in rows if r.get("grid_edge") not in (None, UNKNOWN)]
+    on_edge = [value for value in known if value]
+    labels = Counter(label for value in on_edge for label in value.split("; "))
+    unknown = len(rows) - len(known)
+    text = (f"Grid edges: the search's winner sat on an edge of its grid in {len(on_edge)} of "
+            f"{len(known)} cells"
+            + (f" ({unknown} more unknown: searched before this was recorded)" if unknown else "")
+            + "".join(f"; `{label}` in {n}" for label, n in labels.items()))
+    return text + (". The optimum may lie beyond the grid: widen it (docs/tuning.md)."
+                   if on_edge else ".")
+
+
 def table(cfg: StudyConfig, rows: list[dict]) -> str:
     """Table-I-style markdown: per budget, one line per arm, mean ± std over seeds."""
     reference = cfg.reference or cfg.arms[0]
@@ -437,7 +459,7 @@ def table(cfg: StudyConfig, rows: list[dict]) -> str:
              f"difference (px); gain = paired Dice difference to `{reference}` with a 95% "
              "t interval over seeds. HD and ADD are undefined for an image whose prediction is "
              "empty and left out of their means: (k/N) counts such images among the seeds' N "
-             "test images.", ""]
+             "test images.", "", grid_edge_line(rows), ""]
     budgets = list(dict.fromkeys(r["budget"] for r in rows))
     for budget in budgets:
         here = [r for r in rows if r["budget"] == budget]
@@ -487,7 +509,8 @@ def figure(cfg: StudyConfig, rows: list[dict], path: Path) -> Path:
 
 
 def loss_curves(logs: list[Path], path: Path) -> Path | None:
-    """Each pre-training's loss terms per epoch (means of the logged steps), one panel per arm."""
+    """Each pre-training's loss terms per epoch (means of the logged steps), one panel per arm,
+    with the contrastive branch's health where it was logged (retrieval accuracy, chance)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -501,7 +524,10 @@ def loss_curves(logs: list[Path], path: Path) -> Path | None:
         ax = fig.add_subplot(rows_, min(columns, len(logs)), number)
         table_ = list(csv.DictReader(log.open()))
         epochs = sorted({float(r["epoch"]) for r in table_})
-        for name in [c for c in (table_[0] if table_ else {}) if c.startswith("loss")]:
+        # the losses, the contrastive loss's collapsed value and the retrieval accuracy with
+        # its chance value (cmunet.methods.losses.contrastive_health), all in [0, ~1]
+        shown = ("loss", "con_top1")
+        for name in [c for c in (table_[0] if table_ else {}) if c.startswith(shown)]:
             means = [np.mean([float(r[name]) for r in table_ if float(r["epoch"]) == e])
                      for e in epochs]
             ax.plot(epochs, means, label=name)

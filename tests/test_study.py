@@ -209,6 +209,10 @@ def test_tiny_study_writes_results(tiny_study):
     assert sorted(p.name for p in (out / "pretrain").iterdir()) == ["cmunet-s0", "cmunet-s1"]
     table = (out / "results.md").read_text()
     assert "| cmunet |" in table and "gain vs none" in table and "(n=2)" in table
+    for row in rows:  # the tiny config's two learning rates: every winner sits on an edge
+        edge = "top" if float(row["lr"]) == 3e-3 else "bottom"
+        assert row["grid_edge"] == f"lr={float(row['lr']):g} ({edge} of [0.001, 0.003])"
+    assert "on an edge of its grid in 8 of 8 cells; `lr=" in table
     assert (out / "dice_vs_budget.png").stat().st_size > 1000
     assert (out / "pretrain_losses.png").stat().st_size > 1000
 

@@ -301,6 +301,11 @@ def test_launch_tune_end_to_end_registers_a_loadable_champion(wide_shards, tmp_p
     assert "test_dice" in parent.data.metrics and parent.data.params["search.folds"] == "3"
     assert {"test_hd_n_undefined", "test_add_n_undefined"} <= set(parent.data.metrics)
     assert "trials.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    # cpu.yaml's two learning rates: the winner sits on an edge (the one batch size is not searched)
+    edge = f"lr={best['lr']:g} ({'top' if best['lr'] == 1e-3 else 'bottom'} of [0.0001, 0.001])"
+    [message] = result["grid_edge"]
+    assert message.startswith(f"{edge}: ") and message.endswith("widen search.lr beyond it")
+    assert parent.data.tags["grid_edge"] == edge
     for child in children:
         metrics = child.data.metrics
         assert {f"fold{k}_{m}" for k in (1, 2, 3) for m in ("dice", "best_epoch")} <= set(metrics)

@@ -14,18 +14,19 @@ One search, in order (see docs/tuning.md):
    validation Dice (:func:`cross_validate`). Each finished fold's score is saved in the trial's
    Ray checkpoint: a trial retried after a failure (``search.max_failures``) or continued after
    an interruption trains only its unfinished folds.
-3. The completed trial with the highest ``cv_dice`` wins. Its configuration is retrained on the
-   whole pool for the median of its folds' best epochs, without validation; the weights after the
-   last epoch are written to ``OUT/model``.
+3. The completed trial with the highest ``cv_dice`` wins; a winning value at an edge of its grid
+   is warned about (:func:`edge_of_grid`). Its configuration is retrained on the whole pool
+   for the median of its folds' best epochs, without validation; the weights after the last
+   epoch are written to ``OUT/model``.
 4. That model is exported to ONNX (``OUT/model.onnx``, checked against onnxruntime; ``onnx``),
    evaluated once on the test split (``OUT/test``) -- after every choice was made -- and
    registered as a pyfunc model (``tracking.register_as``, alias ``alias``), with the ONNX model
    logged beside it.
 
 MLflow: one parent run per search (the flattened config, the winner's scores, the test metrics,
-``trials.csv``) and one child run per trial (per-fold best Dice and best epoch, ``cv_dice`` and its
-std), written by :class:`TrialLog` where Tune's driver loop runs, so that trials on other
-machines need no access to the tracking store.
+``trials.csv``, the tag ``grid_edge``) and one child run per trial (per-fold best Dice and best
+epoch, ``cv_dice`` and its std), written by :class:`TrialLog` where Tune's driver loop runs, so
+that trials on other machines need no access to the tracking store.
 """
 
 from __future__ import annotations
@@ -566,6 +567,31 @@ def choose(table: Sequence[dict]) -> dict:
     return max(completed, key=lambda row: row["cv_dice"])
 
 
+def edge_of_grid(best: dict, search: SearchConfig) -> list[str]:
+    """One warning per searched dimension (:func:`param_space`) of two or more values whose
+    winning value is the smallest or the largest of them: the optimum may lie beyond the grid.
+    A message starts with its short form, up to the first ": " (:func:`edge_labels`), e.g.
+    ``lr=0.001 (top of [0.0001, 0.001])``. A two-value grid always has its winner on an edge;
+    in random mode a drawn lr lies inside its range and is flagged only at an end of it."""
+    messages = []
+    for name in param_space(search):
+        grid, value = sorted(set(getattr(search, name))), best[name]
+        if len(grid) < 2:
+            continue
+        edge = ("top" if math.isclose(value, grid[-1]) else
+                "bottom" if math.isclose(value, grid[0]) else "")
+        if edge:
+            values = ", ".join(f"{v:g}" for v in grid)
+            messages.append(f"{name}={value:g} ({edge} of [{values}]): the optimum may lie "
+                            f"beyond the grid; widen search.{name} beyond it")
+    return messages
+
+
+def edge_labels(messages: Sequence[str]) -> str:
+    """The short forms of :func:`edge_of_grid`'s messages, joined by "; " ("" for none)."""
+    return "; ".join(message.split(": ", 1)[0] for message in messages)
+
+
 def retrain_epochs(row: dict, folds: int) -> int:
     """The median of the folds' best epochs (rounded half up), at least 1."""
     median = statistics.median(row[f"fold{k}_best_epoch"] for k in range(1, folds + 1))
@@ -635,6 +661,10 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = LOG.info,
             write_table(table, len(folds), out / "trials.csv")
             parent.log_artifact(out / "trials.csv")
             best = choose(table)
+            edges = edge_of_grid(best, cfg.search)
+            for message in edges:
+                log(f"warning: the winner's {message}")
+            parent.set_tags({"grid_edge": edge_labels(edges) or "none"})
             final, result = retrain(cfg, best, len(folds), pool, initial_state, log)
         model_dir = save_model(final, result, best, pool)
         onnx = export_winner(model_dir, out / "model.onnx", log) if cfg.onnx else None
@@ -646,7 +676,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = LOG.info,
                             "best_cv_dice_std": best["cv_dice_std"], **test}, step=0)
         for row in result.history:
             parent.log_metrics({"retrain_loss": row["train_loss"]}, step=row["epoch"])
-        summary = {"best": best, "epochs": final.train.epochs, "test": test,
+        summary = {"best": best, "grid_edge": edges, "epochs": final.train.epochs, "test": test,
                    "parent_run_id": parent.run_id, "n_trials": len(table),
                    "registered": register(cfg, parent, model_dir, best, final.train.epochs, log,
                                           onnx),
