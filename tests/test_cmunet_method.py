@@ -139,14 +139,15 @@ def test_spatial_mean_is_the_mean_and_keeps_the_gradient_channels_last():
     assert seen["grad"].is_contiguous(memory_format=torch.channels_last)
 
 
-def projector_inputs(adapter: str, views: int = 384, batch: int = 16, size: int = 64):
+def projector_inputs(adapter: str, views: int = 384, batch: int = 16, size: int = 64,
+                     adapter_pool: int = 4):
     """(online, target) projector inputs of a random-weight width-16 CM-UNet on ``views``
     random views, in training mode as in a step: g_s's input (adapter, pooled) and g_t's."""
     from cmunet.methods.masking import pixel_mask
 
     torch.manual_seed(0)
-    method = CMUNet(CMUNetConfig(adapter=adapter, mlp_hidden=64, mlp_out=32), width=16,
-                    view_size=size)
+    method = CMUNet(CMUNetConfig(adapter=adapter, adapter_pool=adapter_pool, mlp_hidden=64,
+                                 mlp_out=32), width=16, view_size=size)
     gen, online, target = torch.Generator().manual_seed(0), [], []
     with torch.no_grad():
         for _ in range(views // batch):
@@ -167,12 +168,14 @@ def span_report(online: torch.Tensor, target: torch.Tensor, tolerance: float = 1
     return basis.shape[0], float(outside.square().sum() / target.square().sum())
 
 
-@pytest.mark.parametrize("adapter", ["conv-bn-relu", "linear-pooled"])
-def test_online_projector_sees_the_space_of_the_target_projector(adapter):
+@pytest.mark.parametrize("adapter,adapter_pool", [("conv-bn-relu", 4), ("conv-bn-relu", 1),
+                                                  ("linear-pooled", 4)])
+def test_online_projector_sees_the_space_of_the_target_projector(adapter, adapter_pool):
     """Width 16, 384 random views: g_s's input has rank >= 90 % of its 256 dimensions and at
-    most 25 % of g_t's input variance lies outside its span. The old layout (a linear adapter
-    after pooling) fails both: rank w = 16, over 90 % outside."""
-    online, target = projector_inputs(adapter)
+    most 25 % of g_t's input variance lies outside its span, with the adapter on the 4x4-pooled
+    grid (the default) and at every pixel. The old layout (a linear adapter after pooling) fails
+    both: rank w = 16, over 90 % outside."""
+    online, target = projector_inputs(adapter, adapter_pool=adapter_pool)
     assert online.shape[1] == target.shape[1] == 256
     rank, outside = span_report(online, target)
     if adapter == "conv-bn-relu":

@@ -8,8 +8,8 @@ by a random 0..P pixels in x and y (pixel shifting), with Gaussian noise on half
   set to 0 (one random mask per image); the pixel decoder D_p (UNet decoder with E_s's skips) and
   a 1x1 conv predict the image; MSE on the masked patches against per-patch normalised pixels.
 * contrastive: the feature decoder D_f (same architecture, own weights) decodes E_s's features;
-  an adapter (1x1 conv w -> 16w, BN, ReLU, at every pixel) brings them to the bottleneck's
-  width, then global average pooling, projector g_s and predictor q. The momentum encoder E_t
+  an adapter (1x1 conv w -> 16w, BN, ReLU, at every cell of a 4x4 average-pooled grid) brings
+  them to the bottleneck's width, then global average pooling, projector g_s and predictor q. The momentum encoder E_t
   and projector g_t (EMA copies) encode the target view's bottleneck, pooled. InfoNCE (tau 0.07,
   negatives = the global batch, all-gathered), scaled by 2 tau.  L = L_rec + lambda_con * L_con.
 
@@ -58,6 +58,7 @@ class CMUNetConfig:
     mlp_out: int = 256
     # online layout into g_s; linear-pooled is the old one, which could not learn (methods.md)
     adapter: Literal["conv-bn-relu", "linear-pooled"] = "conv-bn-relu"
+    adapter_pool: int = 4  # conv-bn-relu on D_f's output average-pooled by this factor; 1 = per pixel
     # constant: m = ema_start throughout (CMAE); cosine: ema_start -> ema_end (BYOL; freezes)
     ema_schedule: Literal["constant", "cosine"] = "cosine"
     ema_start: float = 0.996
@@ -71,6 +72,7 @@ class CMUNetConfig:
         check(self.tau > 0, "tau", "must be positive")
         check(0 <= self.ema_start <= self.ema_end <= 1, "ema_start", "must be <= ema_end <= 1")
         check(self.head_lr_scale > 0, "head_lr_scale", "must be positive")
+        check(self.adapter_pool >= 1, "adapter_pool", "must be >= 1")
 
 
 class CMUNet(PretrainMethod):
@@ -80,6 +82,9 @@ class CMUNet(PretrainMethod):
         super().__init__()
         if view_size % cfg.patch or view_size % 16:
             raise ValueError(f"view_size {view_size} must be a multiple of 16 and of the patch")
+        if view_size % cfg.adapter_pool:
+            raise ValueError(f"view_size {view_size} must be a multiple of cmunet.adapter_pool "
+                             f"{cfg.adapter_pool}")
         self.cfg, self.view_size = cfg, view_size
         self.shift = cfg.shift if cfg.shift >= 0 else round(31 * view_size / 224)
         self.momentum = cfg.ema_start
@@ -140,6 +145,8 @@ class CMUNet(PretrainMethod):
         decoded = self.feature_decoder(features)
         if self.cfg.adapter == "linear-pooled":
             return self.adapter(spatial_mean(decoded)).flatten(1)
+        if self.cfg.adapter_pool > 1:
+            decoded = F.avg_pool2d(decoded, self.cfg.adapter_pool)
         return spatial_mean(self.adapter(decoded)).flatten(1)
 
     def target_embedding(self, target: torch.Tensor) -> torch.Tensor:
