@@ -151,7 +151,8 @@ def finetune_stage(out: Path, shards: Path, export: Path, device: torch.device,
 
 
 def search_stage(out: Path, shards: Path, export: Path, kind: str) -> str:
-    from cmunet.training.tune import TuneConfig, run_tune
+    from cmunet.training.tune import run_tune
+    from cmunet.training.tune_config import TuneConfig
 
     cfg = load_config(TuneConfig, config_file("configs/tune/cpu.yaml"), [
         f"data.shards={shards}", f"data.ratio={RATIO}", f"init={export}",

@@ -251,26 +251,66 @@ def check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(message, key=key)
 
 
+EXAMPLE_OVERRIDES = ("train.epochs=2", "data.shards=/data/shards", "seeds=[0]",
+                     "synthetic_count=80", "out=OUT")  # --help's examples, where cls has the key
+
+
+def example_overrides(cls: type, count: int = 2) -> list[str]:
+    """The first ``count`` of :data:`EXAMPLE_OVERRIDES` that ``cls`` accepts."""
+    found = []
+    for item in EXAMPLE_OVERRIDES:
+        try:
+            load_config(cls, None, [item])
+        except ConfigError:
+            continue
+        found.append(item)
+    return found[:count]
+
+
 def parse_cli(cls: type[T], description: str, argv: Sequence[str] | None = None,
-              default_config: str | None = None) -> T:
-    """The command line shared by every launcher: ``--config FILE [--print-config] [key=value ...]``."""
-    parser = argparse.ArgumentParser(
-        description=description,
-        epilog="Any config key can be overridden as key=value (dotted for nested keys), "
-        "for example: train.epochs=2 data.shards=/data/shards",
-    )
-    parser.add_argument("--config", default=default_config, help="YAML config file")
+              default_config: str | None = None, *, command: str | None = None,
+              kind: str | None = None) -> T:
+    """The command line shared by every launcher: ``--config FILE|NAME [--print-config]
+    [key=value ...]`` (see :func:`parse_command`); returns the config."""
+    return parse_command(cls, description, argv, default_config, command=command, kind=kind)[0]
+
+
+def parse_command(cls: type[T], description: str, argv: Sequence[str] | None = None,
+                  default_config: str | None = None, *, command: str | None = None,
+                  kind: str | None = None, dry_run: str | None = None
+                  ) -> tuple[T, argparse.Namespace]:
+    """The config and the parsed arguments of ``--config FILE|NAME [--print-config]
+    [--list-configs] [--log-level LEVEL] [--version] [--dry-run] [key=value ...]``.
+
+    ``--config`` takes a file, or the name of a shipped config of the folder ``kind``
+    (``cmunet-cpu`` for ``kind="pretrain"``, ``pretrain/cmunet-cpu``, ``cmunet://...``; see
+    :func:`cmunet.paths.find_config`); ``--list-configs`` lists them (with ``kind`` only).
+    ``dry_run``, when given, is the help of a ``--dry-run`` flag (``args.dry_run``)."""
+    from cmunet.cli.common import add_common, apply_common, command_parser
+    from cmunet.paths import UnknownConfig, find_config
+
+    parser = command_parser(description, "Any config key can be overridden as key=value (dotted "
+                            "for nested keys), for example:\n  "
+                            + " ".join(example_overrides(cls)))
+    parser.add_argument("--config", default=default_config, metavar="FILE|NAME",
+                        help="YAML config file, or the name of a shipped config "
+                             "(--list-configs lists them)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
+    if dry_run:
+        parser.add_argument("--dry-run", action="store_true", help=dry_run)
+    add_common(parser, command or parser.prog, kind, configs=kind is not None)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     # deepspeed's launcher appends --local_rank=N; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may come between the key=value overrides
+    apply_common(args)
     try:
-        cfg = load_config(cls, args.config, args.overrides)
-    except ConfigError as err:
+        path = None if args.config is None else find_config(args.config, kind)
+        cfg = load_config(cls, path, args.overrides)
+    except (ConfigError, UnknownConfig) as err:
         parser.error(str(err))
     if args.print_config:
         print(dump_config(cfg), end="")
         raise SystemExit(0)
-    return cfg
+    return cfg, args

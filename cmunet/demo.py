@@ -25,7 +25,8 @@ import numpy as np
 
 from cmunet.config import check, load_config, save_config
 from cmunet.log import logger
-from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
+from cmunet.tracking.mlflow_run import TrackingConfig
+from cmunet.tracking.uri import resolve_uri
 from cmunet.paths import config_file
 from cmunet.training.launcher import job_overrides, pretrain_command, run_logged
 
@@ -161,7 +162,8 @@ def _last_row(path: Path) -> dict[str, str]:
 
 def tune(cfg: DemoConfig, shards: Path, init: str, folder: Path, register: bool) -> dict:
     from cmunet.training.pretrain_config import PretrainConfig
-    from cmunet.training.tune import TuneConfig, run_tune
+    from cmunet.training.tune import run_tune
+    from cmunet.training.tune_config import TuneConfig
 
     if (folder / "result.json").exists():
         LOG.info(f"  {folder} exists, kept")

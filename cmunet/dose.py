@@ -22,9 +22,25 @@ from pathlib import Path
 
 import numpy as np
 
-from cmunet.study import (Cell, StudyConfig, _mean_std, arm_of, dose_arms, format_gain,
-                          grid_edge_line, paired_gain, pretrain_name)
+from cmunet.study_config import Cell, StudyConfig, arm_of, pretrain_name
+from cmunet.study_stats import format_gain, grid_edge_line, mean_std, paired_gain
 from cmunet.training.probe import RANDOM_INIT
+
+
+def dose_arms(cfg: StudyConfig, out: Path) -> dict[str, int]:
+    """Arm -> pre-training epochs of the arms that fine-tune from one shared pre-training's
+    exports (its periodic ones and its final one), when the study has at least two of them."""
+    doses: dict[str, int] = {}
+    for name in cfg.arms:
+        arm = arm_of(cfg, name)
+        if not arm.share:
+            continue
+        folder = out / "pretrain" / pretrain_name(cfg, Cell(arm.share, "all", cfg.seeds[0]))[0]
+        info = (folder / "exports" / arm.export if arm.export else folder / "export") / \
+            "export.json"
+        if info.exists():
+            doses[name] = int(json.loads(info.read_text())["epoch"])
+    return doses if len(doses) >= 2 else {}
 
 
 def dose_report(cfg: StudyConfig, out: Path, rows: list[dict]) -> Path:
@@ -59,7 +75,7 @@ def dose_report(cfg: StudyConfig, out: Path, rows: list[dict]) -> Path:
             info = _export_info(cfg, out, arm)
             points.append(Point(arm, arm in doses, info["epoch"], mean, low, high, probe))
             views = info["step"] * info["global_batch"] if "global_batch" in info else None
-            lines.append(f"| {arm} | {info['epoch']} | {views or '–'} | {_mean_std(dice)} | "
+            lines.append(f"| {arm} | {info['epoch']} | {views or '–'} | {mean_std(dice)} | "
                          f"{format_gain(mean, low, high, n)} | "
                          f"{'–' if probe is None else f'{probe:.3f}'} | "
                          f"{'–' if probe_gain is None else f'{probe_gain:+.3f}'} |")

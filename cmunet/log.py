@@ -1,11 +1,12 @@
 """Messages through :mod:`logging`, shown as plain lines on stdout on rank 0.
 
 Every module logs to a child of the ``cmunet`` logger (``logger(__name__)``). The first use
-configures it (:func:`setup_logging`): rank 0 at INFO, every other rank at WARNING, the rank
-taken from the launcher's ``RANK`` variable. A message prints exactly as ``print`` did (no level
-or time prefix), to whatever ``sys.stdout`` is at that moment, so output captured by a test or
-redirected by a job runner keeps its lines. Progress bars turn themselves off on other ranks and
-outside a terminal (:func:`bar_disable`).
+configures it (:func:`setup_logging`): rank 0 at INFO (or ``$CMUNET_LOG_LEVEL``, which a
+command's ``--log-level`` sets), every other rank at WARNING, the rank taken from the launcher's
+``RANK`` variable. A message prints exactly as ``print`` did (no level or time prefix), to
+whatever ``sys.stdout`` is at that moment, so output captured by a test or redirected by a job
+runner keeps its lines. Progress bars turn themselves off on other ranks and outside a terminal
+(:func:`bar_disable`).
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ class _Stdout(logging.StreamHandler):
         pass
 
 
-def setup_logging(rank: int | None = None, level: int | str = logging.INFO) -> logging.Logger:
-    """Configure the ``cmunet`` logger: ``level`` on rank 0, WARNING (or ``level`` if higher) on
-    other ranks; ``rank`` defaults to ``$RANK`` (set by deepspeed and torchrun), else 0. Messages
-    go to stdout as they are. Calling it again only changes the level."""
+def setup_logging(rank: int | None = None, level: int | str | None = None) -> logging.Logger:
+    """Configure the ``cmunet`` logger: ``level`` (default ``$CMUNET_LOG_LEVEL``, else INFO) on
+    rank 0, WARNING (or ``level`` if higher) on other ranks; ``rank`` defaults to ``$RANK`` (set
+    by deepspeed and torchrun), else 0. Messages go to stdout as they are. Calling it again only
+    changes the level."""
     if rank is None:
         rank = int(os.environ.get("RANK", "0") or 0)
+    if level is None:
+        level = _env_level()
     level = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if not isinstance(level, int):
         raise ValueError(f"log level {level!r}: use DEBUG, INFO, WARNING or ERROR")
@@ -56,6 +60,12 @@ def logger(name: str) -> logging.Logger:
     if not logging.getLogger(ROOT).handlers:
         setup_logging()
     return logging.getLogger(name if name.startswith(ROOT) else f"{ROOT}.{name}")
+
+
+def _env_level() -> int:
+    """``$CMUNET_LOG_LEVEL`` (set by a command's --log-level for the jobs it starts), else INFO."""
+    level = logging.getLevelName(os.environ.get("CMUNET_LOG_LEVEL", "").upper())
+    return level if isinstance(level, int) else logging.INFO
 
 
 def bar_disable(show: bool = True) -> bool | None:

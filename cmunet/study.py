@@ -25,129 +25,33 @@ import json
 import math
 import random
 import shlex
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from cmunet.config import check, load_config, save_config
+from cmunet.config import load_config, save_config
 from cmunet.data.overlap import refuse_test_overlap
 from cmunet.data import location
 from cmunet.data.splits import load_splits, parse_ratio, pool_keys
 from cmunet.log import logger
-from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
-from cmunet.training.probe import ProbeConfig
+from cmunet.outdir import check_out
+from cmunet.dose import dose_arms, dose_report
+from cmunet.study_config import (Cell, StudyConfig, StudyData, arm_of, cells, pretrain_name,
+                                 pretrain_ratio)
+from cmunet.study_stats import UNKNOWN, format_gain, grid_edge_line, mean_std, paired_gain
+from cmunet.tracking.uri import resolve_uri
+from cmunet.training.tune_results import edge_labels
 from cmunet.paths import config_file
 from cmunet.training.launcher import job_overrides, pretrain_command, run_logged
 
 LOG = logger(__name__)
 METRICS = ("dice", "cldice", "iou", "hd", "add")
 UNDEFINED = ("hd", "add")  # undefined (None) for an empty prediction: counted, never averaged
-UNKNOWN = "unknown"  # grid_edge of a cell whose search predates that record
-
-
-@dataclass
-class Arm:
-    """A named pre-training variant: a method plus config overrides (pre-training and tuning)."""
-
-    method: str = "cmunet"
-    pretrain: list[str] = field(default_factory=list)  # key=value for launch/pretrain.py
-    tune: list[str] = field(default_factory=list)  # key=value for the fine-tuning search
-    share: str = ""  # reuse this arm's pre-training (a fine-tuning-only variant)
-    # fine-tune from a periodic export of that pre-training (e.g. "epoch_0030", written with
-    # train.export_epochs) instead of its final export: the doses of a dose-response study
-    export: str = ""
-
-
-@dataclass
-class StudyData:
-    shards: str = ""  # "" = synthetic angiograms made in OUT/data (synthetic_* keys)
-    ratio: str = "50-30"  # the split: its pre-training pool and its fine-tuning pool (budgets)
-    # pre-train on every image of these shard folders instead of the split's pre-training pool
-    # (an archive from elsewhere); a folder holding a test image of `shards` is refused
-    pretrain_shards: list[str] = field(default_factory=list)
-    synthetic_count: int = 96
-    synthetic_size: int = 64
-
-
-@dataclass
-class StudyConfig:
-    out: str = ""
-    data: StudyData = field(default_factory=StudyData)
-    arms: list[str] = field(default_factory=lambda: ["none", "cmunet"])  # methods or arm names
-    reference: str = ""  # the arm gains are measured against ("" = the first arm)
-    # "arm": every seed of an arm, then the next arm; "seed": every arm and budget of a seed,
-    # then the next seed (a study stopped early then holds whole paired comparisons)
-    order: Literal["arm", "seed"] = "arm"
-    budgets: list[str] = field(default_factory=lambda: ["all"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    extra_cells: list[str] = field(default_factory=list)  # "arm@budget": added to the grid
-    extra_seeds: list[int] = field(default_factory=list)  # seeds of extra_cells ([] = seeds)
-    variants: dict[str, Arm] = field(default_factory=dict)  # arm name -> method and overrides
-    pretrain_config: str = "configs/pretrain/{method}-cpu.yaml"
-    pretrain_overrides: list[str] = field(default_factory=list)
-    pretrain_launcher: str = ""  # "" = this Python; e.g. "deepspeed --num_gpus 2"
-    # true: one pre-training per arm (with the first seed) shared by every seed's fine-tuning --
-    # cheaper, but the spread over seeds then leaves out the pre-training's own variance
-    pretrain_once: bool = False
-    # true: a cell whose pre-training export does not exist yet is left for a later relaunch
-    # instead of pre-training now (the pre-training runs elsewhere, e.g. in the background)
-    defer_pretraining: bool = False
-    tune_config: str = "configs/tune/cpu.yaml"
-    tune_overrides: list[str] = field(default_factory=list)
-    # fine-tuning length grows for small budgets: each fold's training sees at least this many
-    # samples (epochs = max(train.epochs, ceil(this / fold training images))); 0 = off
-    min_samples_seen: int = 0
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(
-        experiment="cmunet-study"))
-    report_only: bool = False  # rebuild results.csv/.md and the figure from finished cells
-    # dose studies: probe every dose's export with these seeds (dose.md, probe_vs_gain.png)
-    probe_seeds: list[int] = field(default_factory=list)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-
-    def __post_init__(self):
-        check(not self.reference or self.reference in self.arms, "reference",
-              f"{self.reference!r} must be one of arms")
-        for cell in self.extra_cells:
-            check("@" in cell, "extra_cells", f"entry {cell!r} must look like 'mae@4'")
-        for budget in self.budgets + [c.split("@")[-1] for c in self.extra_cells]:
-            check(budget == "all" or budget.isdigit() or "-" in budget, "budgets",
-                  f"entry {budget!r} must be 'all', a number of images or a PT-FT ratio")
 
 
 class Deferred(Exception):
     """A cell waits for a pre-training that runs elsewhere (``defer_pretraining``)."""
-
-
-@dataclass(frozen=True)
-class Cell:
-    arm: str
-    budget: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.arm}-b{self.budget}-s{self.seed}"
-
-
-def arm_of(cfg: StudyConfig, name: str) -> Arm:
-    arm = cfg.variants.get(name, Arm(method=name))
-    if arm.share and arm_of(cfg, arm.share).share:
-        raise ValueError(f"variant {name!r} shares {arm.share!r}, which shares another arm")
-    return arm
-
-
-def cells(cfg: StudyConfig) -> list[Cell]:
-    grid = [(a, b) for a in cfg.arms for b in cfg.budgets]
-    extra = [tuple(c.split("@", 1)) for c in cfg.extra_cells]
-    if cfg.order == "seed":
-        main = [Cell(a, b, s) for s in cfg.seeds for a, b in grid]
-    else:
-        main = [Cell(a, b, s) for a, b in grid for s in cfg.seeds]
-    return main + [Cell(a, b, s) for a, b in extra if (a, b) not in grid
-                   for s in cfg.extra_seeds or cfg.seeds]
 
 
 def budget_keys(splits: dict, ratio: str, budget: str, patient_of: dict[str, str],
@@ -177,25 +81,6 @@ def budget_keys(splits: dict, ratio: str, budget: str, patient_of: dict[str, str
     return sorted(chosen)
 
 
-def pretrain_ratio(cfg: StudyConfig, budget: str) -> str:
-    """The PT-FT ratio whose pre-training pool a cell pre-trains on: a ratio budget's own (the
-    pools of one ratio are disjoint; ``data.ratio``'s pre-training pool holds most of a larger
-    ratio's labels), else ``data.ratio``. With ``data.pretrain_shards`` no pool is used."""
-    if budget == "all" or budget.isdigit() or cfg.data.pretrain_shards:
-        return cfg.data.ratio
-    return budget
-
-
-def pretrain_name(cfg: StudyConfig, cell: Cell) -> tuple[str, str]:
-    """(folder name, MLflow run name) of the cell's own pre-training (``share`` not resolved):
-    ``<arm>-s<seed>``, or ``<arm>-r<ratio>-s<seed>`` for another ratio's pool."""
-    seed = cfg.seeds[0] if cfg.pretrain_once else cell.seed
-    ratio = pretrain_ratio(cfg, cell.budget)
-    if ratio == cfg.data.ratio:
-        return f"{cell.arm}-s{seed}", f"pretrain {cell.arm} seed {seed}"
-    return f"{cell.arm}-r{ratio}-s{seed}", f"pretrain {cell.arm} ratio {ratio} seed {seed}"
-
-
 def pretrain_data(cfg: StudyConfig) -> list[str]:
     """Pre-training overrides for ``data.pretrain_shards``: those folders only (``data.shards``
     still names the test split they are checked against)."""
@@ -210,6 +95,8 @@ def pretrain_data(cfg: StudyConfig) -> list[str]:
 def run_study(cfg: StudyConfig, log=LOG.info) -> Path:
     if not cfg.out:
         raise ValueError("out is not set: give the study folder, e.g. out=runs/study")
+    check_out(cfg.out, {"data.shards": cfg.data.shards, **{
+        f"data.pretrain_shards[{i}]": f for i, f in enumerate(cfg.data.pretrain_shards)}})
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, tracking=replace(cfg.tracking, uri=resolve_uri(cfg.tracking.uri)))
@@ -288,7 +175,8 @@ def pretrain(cfg: StudyConfig, cell: Cell, out: Path, log) -> str:
 def finetune(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> dict:
     """The cross-validated search on the cell's labels, then one test evaluation."""
     from cmunet.training.finetune import patients_of
-    from cmunet.training.tune import TuneConfig, run_tune
+    from cmunet.training.tune import run_tune
+    from cmunet.training.tune_config import TuneConfig
 
     arm = arm_of(cfg, cell.arm)
     splits = load_splits(location.join(cfg.data.shards, "splits.json"))
@@ -312,10 +200,8 @@ def finetune(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> dict:
 
 def collect(cfg: StudyConfig, out: Path) -> list[dict]:
     """One row per finished cell, from the cells' files. ``grid_edge``: where the search's winner
-    sat on an edge of its grid (:func:`cmunet.training.tune.edge_labels`; "" nowhere,
+    sat on an edge of its grid (:func:`cmunet.training.tune_results.edge_labels`; "" nowhere,
     :data:`UNKNOWN` for a search that did not record it)."""
-    from cmunet.training.tune import edge_labels
-
     rows = []
     for cell in cells(cfg):
         folder = out / "cells" / cell.name
@@ -369,84 +255,20 @@ def report(cfg: StudyConfig, out: Path) -> Path:
     figure(cfg, rows, out / "dice_vs_budget.png")
     loss_curves(sorted((out / "pretrain").glob("*/log.csv")), out / "pretrain_losses.png")
     if dose_arms(cfg, out):
-        from cmunet.dose import dose_report
-
         dose_report(cfg, out, rows)
     return out
-
-
-def dose_arms(cfg: StudyConfig, out: Path) -> dict[str, int]:
-    """Arm -> pre-training epochs of the arms that fine-tune from one shared pre-training's
-    exports (its periodic ones and its final one), when the study has at least two of them."""
-    doses: dict[str, int] = {}
-    for name in cfg.arms:
-        arm = arm_of(cfg, name)
-        if not arm.share:
-            continue
-        folder = out / "pretrain" / pretrain_name(cfg, Cell(arm.share, "all", cfg.seeds[0]))[0]
-        info = (folder / "exports" / arm.export if arm.export else folder / "export") / \
-            "export.json"
-        if info.exists():
-            doses[name] = int(json.loads(info.read_text())["epoch"])
-    return doses if len(doses) >= 2 else {}
-
-
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "–"
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.3f} ± {std:.3f}"
 
 
 def _with_undefined(rows: list[dict], name: str) -> str:
     """Mean ± std of ``name`` and its undefined images over the rows' test images, "(k/N)"."""
     undefined = sum(r.get(f"{name}_undefined") or 0 for r in rows)
     total = sum(r.get("n_test") or 0 for r in rows)
-    return f"{_mean_std([r[name] for r in rows])} ({undefined}/{total})"
-
-
-def paired_gain(rows: list[dict], arm: str, budget: str,
-                reference: str) -> tuple[float, float, float, int] | None:
-    """(mean, low, high, n): the mean Dice gain over the reference arm on the same seeds, with a
-    95 % t interval (low = high = mean for one pair); None without a pair."""
-    from scipy import stats
-
-    mine = {r["seed"]: r["dice"] for r in rows if r["arm"] == arm and r["budget"] == budget}
-    base = {r["seed"]: r["dice"] for r in rows if r["arm"] == reference and r["budget"] == budget}
-    diffs = [mine[s] - base[s] for s in sorted(mine.keys() & base.keys())]
-    if arm == reference or not diffs:
-        return None
-    mean = float(np.mean(diffs))
-    if len(diffs) < 2:
-        return mean, mean, mean, 1
-    half = stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / math.sqrt(len(diffs))
-    return mean, mean - half, mean + half, len(diffs)
+    return f"{mean_std([r[name] for r in rows])} ({undefined}/{total})"
 
 
 def _paired_gain(rows: list[dict], arm: str, budget: str, reference: str) -> str:
     gain = paired_gain(rows, arm, budget, reference)
     return "–" if gain is None else format_gain(*gain)
-
-
-def format_gain(mean: float, low: float, high: float, n: int) -> str:
-    """``+0.012 [-0.020, +0.044] (n=6)``; one pair has no interval: ``+0.012 (n=1)``."""
-    return f"{mean:+.3f} (n=1)" if n == 1 else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={n})"
-
-
-def grid_edge_line(rows: list[dict]) -> str:
-    """How many cells' search winners sat on an edge of their grid, and on which (the labels of
-    ``grid_edge``, counted). A row without ``grid_edge`` (an older results.csv) is unknown."""
-    known = [r["grid_edge"] for r in rows if r.get("grid_edge") not in (None, UNKNOWN)]
-    on_edge = [value for value in known if value]
-    labels = Counter(label for value in on_edge for label in value.split("; "))
-    unknown = len(rows) - len(known)
-    text = (f"Grid edges: the search's winner sat on an edge of its grid in {len(on_edge)} of "
-            f"{len(known)} cells"
-            + (f" ({unknown} more unknown: searched before this was recorded)" if unknown else "")
-            + "".join(f"; `{label}` in {n}" for label, n in labels.items()))
-    return text + (". The optimum may lie beyond the grid: widen it (docs/tuning.md)."
-                   if on_edge else ".")
 
 
 def table(cfg: StudyConfig, rows: list[dict]) -> str:
@@ -470,7 +292,7 @@ def table(cfg: StudyConfig, rows: list[dict]) -> str:
         for arm in dict.fromkeys(r["arm"] for r in here):
             mine = [r for r in here if r["arm"] == arm]
             cells_ = [_with_undefined(mine, m) if m in UNDEFINED else
-                      _mean_std([r[m] for r in mine]) for m in METRICS]
+                      mean_std([r[m] for r in mine]) for m in METRICS]
             lines.append(f"| {arm} | {mine[0]['params_m']:.2f} | {' | '.join(cells_)} | "
                          f"{_paired_gain(rows, arm, budget, reference)} | {len(mine)} |")
         lines.append("")

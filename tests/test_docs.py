@@ -3,6 +3,7 @@ every shipped config loads, and docs/configuration.md matches the config datacla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import runpy
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from cmunet.config import load_config
-from cmunet.study import StudyConfig, arm_of, cells
+from cmunet.config import flatten, load_config
+from cmunet.data.sharding import ShardConfig
+from cmunet.demo import DemoConfig
+from cmunet.study_config import StudyConfig, arm_of, cells
 from cmunet.training.finetune import FinetuneConfig
 from cmunet.training.pretrain_config import PretrainConfig
-from cmunet.training.tune import TuneConfig
+from cmunet.training.tune_config import TuneConfig
 from conftest import ROOT
 
 SCRIPTS = sorted(p.relative_to(ROOT).as_posix()
@@ -121,3 +124,101 @@ def test_configuration_reference_is_current():
     doc = ROOT / "docs" / "configuration.md"
     assert doc.read_text() == render(), \
         "docs/configuration.md is out of date: run python tools/config_reference.py --write"
+
+
+@dataclasses.dataclass
+class _Commented:  # the layouts of comments the reference attributes (tools/config_reference.py)
+    shards: str = ""  # folder or URL;
+    # its test split is never read
+    ratio: str = "79-1"  # PT-FT ratio
+    # the pool used
+    pool: str = "pretrain"
+    seed: int = 0  # seed
+
+
+def test_a_comment_continued_below_its_field_stays_with_it():
+    comments = runpy.run_path(str(ROOT / "tools" / "config_reference.py"),
+                              run_name="docs_test")["field_comments"](_Commented)
+    assert comments == {"shards": "folder or URL; its test split is never read",
+                        "ratio": "PT-FT ratio", "pool": "the pool used", "seed": "seed"}
+
+
+# ---- (e) the key tables of finetune.md and tuning.md list every key ---------------------------
+
+def config_keys(cls: type) -> set[str]:
+    """The dotted keys of ``cls`` (sections' keys included, not the sections)."""
+    return set(flatten(cls()))
+
+
+def table_keys(doc: str) -> list[str]:
+    """The keys (backticked, first column) of the table under the doc's "## Config keys"."""
+    text = (ROOT / "docs" / doc).read_text().split("## Config keys", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in text.splitlines() if line.startswith("| `")]
+    return [key for cell in rows for key in re.findall(r"`([\w.*]+)`", cell)]
+
+
+def covers(listed: list[str], key: str) -> bool:
+    return key in listed or any(k.endswith(".*") and key.startswith(k[:-1]) for k in listed)
+
+
+@pytest.mark.parametrize("doc, cls, inherited", [("finetune.md", FinetuneConfig, None),
+                                                  ("tuning.md", TuneConfig, FinetuneConfig)])
+def test_the_key_table_lists_every_key(doc, cls, inherited):
+    """Every key in the table (``X.*``: a whole section); tuning.md's table needs only the keys
+    that fine-tuning (finetune.md's table) does not have."""
+    listed, keys = table_keys(doc), config_keys(cls)
+    missing = sorted(k for k in keys - (config_keys(inherited) if inherited else set())
+                     if not covers(listed, k))
+    assert not missing, f"docs/{doc}'s key table lacks {missing}"
+    unknown = [k for k in listed if not any(covers([k], key) for key in keys)]
+    assert not unknown, f"docs/{doc}'s key table names keys that do not exist: {unknown}"
+
+
+# ---- (f) every command's --help shows its examples as written, and they are valid --------------
+
+HELP_CONFIGS = {  # script -> config class of its key=value overrides, overrides it needs anyway
+    "launch/pretrain.py": (PretrainConfig, []), "launch/finetune.py": (FinetuneConfig, []),
+    "launch/evaluate.py": (FinetuneConfig, []), "launch/tune.py": (TuneConfig, []),
+    "launch/study.py": (StudyConfig, []), "launch/demo.py": (DemoConfig, []),
+    "tools/shard.py": (ShardConfig, ["images=IMAGES", "out=OUT"]), "launch/segment.py": (None, []),
+}
+COMMAND_LINE = re.compile(r"\s*(python|deepspeed|torchrun|make) ")
+OVERRIDE = re.compile(r"^([a-z_][\w.]*)=(.+?)[),.]*$")
+
+
+def example_overrides(line: str) -> tuple[str | None, list[str]]:
+    """The ``--config`` file (None: not a shipped one) and the ``key=value`` tokens of an example
+    command line (its ``# comment`` left out; ``key=value`` and ``...`` placeholders skipped)."""
+    tokens = line.split(" #", 1)[0].split()
+    config = tokens[tokens.index("--config") + 1] if "--config" in tokens else None
+    tokens = [t[1:-1] if t.startswith("[") and t.endswith("]") else t for t in tokens]  # optional
+    found = [f"{m[1]}={m[2]}" for m in map(OVERRIDE.match, tokens)
+             if m and m[1] != "key" and not m[2].startswith("...")]
+    return (config if config and (ROOT / config).is_file() else None), found
+
+
+@pytest.mark.parametrize("script", sorted(HELP_CONFIGS))
+def test_help_examples_are_shown_as_written_and_valid(script, help_runs):
+    import importlib
+
+    name = Path(script).stem
+    doc = importlib.import_module(f"cmunet.cli.{name}").__doc__
+    shown = [line.rstrip() for line in help_runs[script]["stdout"].splitlines()]
+    examples = [line.rstrip() for line in doc.splitlines() if COMMAND_LINE.match(line)]
+    assert examples, f"{script}: no example command line in its docstring"
+    for line in examples:  # one per line, as written: not reflowed into a paragraph
+        assert line in shown, f"{script} --help does not show {line.strip()!r} as written"
+    cls, needed = HELP_CONFIGS[script]
+    if cls is None:  # flags only
+        return
+    lines = [line for line in shown if COMMAND_LINE.match(line)]
+    epilog = [shown[i + 1] for i, line in enumerate(shown[:-1]) if line.endswith("for example:")]
+    prose = [m for line in shown for m in re.findall(r"(?<![\w/-])[a-z_]+\.[\w.]+=[^\s,)]+", line)
+             if not m.endswith("...")]
+    checked = 0
+    for line in [*lines, *epilog, " ".join(prose)]:
+        config, overrides = example_overrides(line)
+        if overrides:
+            load_config(cls, config, [*needed, *overrides])  # raises on an unknown key or value
+            checked += len(overrides)
+    assert checked, f"{script} --help shows no key=value example"

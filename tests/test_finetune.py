@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import cmunet
 import cmunet.data.stream as stream
 import cmunet.evaluation.evaluate as evaluate
 import cmunet.training.finetune as finetune
@@ -215,6 +216,7 @@ def runs_of(uri: str) -> dict:
     return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}, client
 
 
+@pytest.mark.slow
 def test_finetune_and_evaluate_end_to_end(tmp_path, tiny_shards):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     make_export(tmp_path / "export")
@@ -245,6 +247,7 @@ def test_finetune_and_evaluate_end_to_end(tmp_path, tiny_shards):
     assert {"pearson_r", "p_value", "mean_diff", "loa", "n"} <= set(metrics["pearson_r"])
     assert metrics["pearson_r"]["units"] == "mm"  # the tiny set has a pixel spacing
     assert metrics["nsd_tolerance"] == {"px": 1.0, "mm": 0.5}
+    assert metrics["cmunet_version"] == cmunet.__version__
     with (evaluation / "per_image.csv").open() as f:
         per_image = list(csv.DictReader(f))
     assert sorted(r["key"] for r in per_image) == sorted(test)

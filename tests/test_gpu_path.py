@@ -108,16 +108,17 @@ def test_ray_trials_use_the_gpus_ray_gave_them(monkeypatch):
     import ray
 
     from cmunet.training import tune
+    from cmunet.training.trial import ray_device
 
     fake_gpus(monkeypatch, 2)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])  # gpus_per_trial: 0 on a GPU node
-    assert tune.ray_device() == torch.device("cpu")
+    assert ray_device() == torch.device("cpu")
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what Ray sets for the task
-    assert tune.ray_device() == torch.device("cuda", 0)
+    assert ray_device() == torch.device("cuda", 0)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [1])
-    assert tune.ray_device() == torch.device("cuda", 1)
+    assert ray_device() == torch.device("cuda", 1)
 
     seen = {}
     monkeypatch.setattr(tune, "fit", lambda *args, **kwargs: seen.update(kwargs))

@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cmunet.study import UNKNOWN, StudyConfig, collect, grid_edge_line, table
-from cmunet.training.tune import SearchConfig, edge_labels, edge_of_grid
+from cmunet.study import collect, table
+from cmunet.study_config import StudyConfig
+from cmunet.study_stats import UNKNOWN, grid_edge_line
+from cmunet.training.tune_config import SearchConfig
+from cmunet.training.tune_results import edge_labels, edge_of_grid
 
 
 def test_a_winner_at_the_top_of_the_grid_is_warned_about():

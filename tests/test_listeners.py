@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import psutil
 import pytest
@@ -66,7 +68,8 @@ LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}  # gRPC's IPv6 sockets show 127.0.0
 def test_the_local_ray_listens_on_loopback_only_and_requires_a_token(tmp_path, monkeypatch):
     import ray
 
-    from cmunet.training.tune import SearchConfig, ray_session
+    from cmunet.training.ray_local import ray_session
+    from cmunet.training.tune_config import SearchConfig
 
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
@@ -77,6 +80,9 @@ def test_the_local_ray_listens_on_loopback_only_and_requires_a_token(tmp_path, m
         token = os.environ["RAY_AUTH_TOKEN"]
         assert os.environ["RAY_AUTH_MODE"] == "token" and len(token) == 64
         assert address.startswith("127.0.0.1:")
+        session = Path(temp, "ray", "session_latest").resolve()  # Ray's folders: this user's only
+        assert {stat.S_IMODE(os.stat(p).st_mode) for p in (temp, Path(temp, "ray"), session,
+                                                            session / "sockets")} == {0o700}
         worker = ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker process listens too
         me = psutil.Process()
         ray_pids = {me.pid} | {p.pid for p in me.children(recursive=True)}  # driver, GCS, raylet,

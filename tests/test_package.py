@@ -20,7 +20,9 @@ from safetensors.torch import save_file
 
 from conftest import ROOT
 
-COMMANDS = ["shard", "pretrain", "finetune", "evaluate", "tune", "segment", "study", "demo"]
+COMMANDS = ["shard", "pretrain", "finetune", "evaluate", "tune", "segment", "study", "demo",
+            "synth"]
+TOOLS = ("shard", "synth")  # their wrappers are tools/<name>.py, the others launch/<name>.py
 TRAINING_STACK = ("deepspeed", "webdataset", "ray", "mlflow")
 
 
@@ -38,7 +40,7 @@ def test_every_command_is_a_console_script_and_a_wrapper():
         module, function = scripts[f"cmunet-{name}"].split(":")
         assert module == f"cmunet.cli.{name}" and function == "main"
         assert callable(getattr(importlib.import_module(module), "main"))
-        wrapper = ROOT / ("tools" if name == "shard" else "launch") / f"{name}.py"
+        wrapper = ROOT / ("tools" if name in TOOLS else "launch") / f"{name}.py"
         assert f"from cmunet.cli.{name} import main" in wrapper.read_text(), wrapper
 
 
@@ -79,6 +81,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.slow
 def test_segmentation_runs_without_the_training_stack(tmp_path):
     model = tiny_model(tmp_path / "model")
     (tmp_path / "in").mkdir()
@@ -94,19 +97,28 @@ def test_segmentation_runs_without_the_training_stack(tmp_path):
     assert (tmp_path / "seg/masks/a.png").is_file()
 
 
-def test_wheel_installs_and_runs_without_the_checkout(tmp_path):
-    """A non-editable wheel (built from a copy of the sources) installed into a folder: the
-    console script answers --help, and the shipped configs are found inside the package."""
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    """The non-editable wheel, built (offline) from a copy of the sources in ``tmp_path``."""
     source = tmp_path / "src"
     source.mkdir()
     for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
     for name in ("cmunet", "configs"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w",
+    subprocess.run([*PIP, "wheel", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "dist"), str(source)], check=True, cwd=tmp_path, timeout=300)
     wheel, = (tmp_path / "dist").glob("cmunet-*.whl")
+    return wheel
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_runs_without_the_checkout(tmp_path):
+    """A non-editable wheel (built from a copy of the sources) installed into a folder: the
+    console script answers --help, and the shipped configs are found inside the package."""
+    wheel, pip = build_wheel(tmp_path), PIP
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True,
                    timeout=300)

@@ -16,8 +16,9 @@ import torch
 
 from cmunet.config import load_config
 from cmunet.data.splits import load_splits, pool_keys
-from cmunet.study import (Arm, Cell, Deferred, StudyConfig, StudyData, arm_of, budget_keys, cells, collect,
-                          pretrain_data, pretrain_name, pretrain_ratio, table)
+from cmunet.study import Deferred, budget_keys, collect, pretrain_data, table
+from cmunet.study_config import (Arm, Cell, StudyConfig, StudyData, arm_of, cells, pretrain_name,
+                                 pretrain_ratio)
 from cmunet.training.finetune import FinetuneConfig, patients_of
 from cmunet.training.pretrain_config import PretrainConfig
 from conftest import ROOT
@@ -189,6 +190,7 @@ def tiny_study(tmp_path_factory) -> tuple[Path, str]:
 
 # the fixture's study (2-3 min on 2 idle cores) runs in the first test's setup: the test's
 # timeout must outlast the subprocess's own 1,200 s, which reports the study's output
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_tiny_study_writes_results(tiny_study):
     out, uri = tiny_study
@@ -225,6 +227,7 @@ def test_tiny_study_writes_results(tiny_study):
     assert "pretrain cmunet seed 0" in names
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_tiny_study_resumes_and_reports(tiny_study):
     out, uri = tiny_study
@@ -246,7 +249,7 @@ def test_tiny_study_resumes_and_reports(tiny_study):
 
 def test_dose_report_puts_the_gains_against_the_epochs(tmp_path):
     from cmunet.dose import dose_report, spearman_interval
-    from cmunet.study import dose_arms
+    from cmunet.dose import dose_arms
 
     cfg = StudyConfig(arms=["none", "d2", "d8", "dfinal"], budgets=["4"], seeds=[0, 1, 2],
                       pretrain_once=True, variants={
@@ -282,7 +285,7 @@ def test_dose_probe_has_a_random_init_reference_and_a_cache_per_setting(tmp_path
     from cmunet.dose import RANDOM_INIT, dose_report, other_pretrained, probe_scores
     from cmunet.models.export import save_export
     from cmunet.models.unet import UNet
-    from cmunet.study import dose_arms
+    from cmunet.dose import dose_arms
     from cmunet.training.probe import ProbeConfig
 
     cfg = StudyConfig(arms=["none", "d2", "dfinal"], budgets=["4"], seeds=[0, 1],
@@ -335,6 +338,7 @@ def test_dose_probe_has_a_random_init_reference_and_a_cache_per_setting(tmp_path
     assert (tmp_path / "probe_vs_gain.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_study_after_its_pretraining_checkpoint(tmp_path):
     """SIGTERM to the study: the running pre-training writes its checkpoint and stops, the study
     exits 75 with one line, no traceback (SIGINT takes the same path)."""

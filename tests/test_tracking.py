@@ -56,3 +56,16 @@ def test_code_version_is_empty_outside_a_checkout_of_cmunet(tmp_path):
     git("init", "-q", cwd=tmp_path)
     (tmp_path / "venv").mkdir()
     assert _code_version(tmp_path / "venv") == ()  # inside another project's repository
+
+
+def test_an_unset_tracking_uri_reads_mlflow_tracking_uri(tmp_path, monkeypatch):
+    from cmunet.tracking.mlflow_run import resolve_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri("") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow-host:5000")
+    assert resolve_uri("") == "http://mlflow-host:5000"
+    assert resolve_uri("sqlite:///team.db") == f"sqlite:///{tmp_path / 'team.db'}"  # config wins
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")  # made absolute, as in configs
+    assert resolve_uri("") == f"sqlite:///{tmp_path / 'env.db'}"

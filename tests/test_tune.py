@@ -23,17 +23,20 @@ import pytest
 import torch
 from ray import tune
 
-import cmunet.training.tune as tune_module
+import cmunet.training.cross_validation as cross_validation
 from cmunet.config import load_config
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import InMemorySet
 from cmunet.evaluation.evaluate import load_finetuned
 from cmunet.tracking.mlflow_run import Tracker, TrackingConfig
 from cmunet.training.finetune import build_model, cpu_state, patients_of
-from cmunet.training.tune import (FOLDS_FILE, FoldScore, SearchConfig, TuneConfig, absolute,
-                                  cross_validate, cv_metrics, finetune_settings, finished_folds,
-                                  fold_key, patient_folds, ray_session, run_trial, run_tune,
-                                  search, state_digest)
+from cmunet.training.cross_validation import FoldScore, cross_validate, cv_metrics
+from cmunet.training.folds import patient_folds
+from cmunet.training.ray_local import ray_session
+from cmunet.training.search import search
+from cmunet.training.trial import FOLDS_FILE, finished_folds, fold_key, run_trial, state_digest
+from cmunet.training.tune import run_tune
+from cmunet.training.tune_config import SearchConfig, TuneConfig, absolute, finetune_settings
 from conftest import ROOT, load_tool
 
 CPU_YAML = str(ROOT / "configs" / "tune" / "cpu.yaml")
@@ -111,6 +114,7 @@ def test_cv_metrics_mean_std_and_running_fold():
     assert cv_metrics(scores, current=0.9)["cv_dice"] == pytest.approx(0.7)  # a fold in progress
 
 
+@pytest.mark.slow
 def test_every_fold_starts_from_the_same_weights(wide_shards, tmp_path, monkeypatch):
     cfg = tiny_cfg(wide_shards, tmp_path, "tracking.enabled=false")
     settings = finetune_settings(cfg)
@@ -118,7 +122,7 @@ def test_every_fold_starts_from_the_same_weights(wide_shards, tmp_path, monkeypa
     initial = cpu_state(model)
     reference = {k: v.clone() for k, v in initial.items()}
     received, trained = [], []
-    real_fit = tune_module.fit
+    real_fit = cross_validation.fit
 
     def recording_fit(cfg, train_keys, val_keys, initial_state=None, on_epoch=None, device=None):
         received.append({k: v.clone() for k, v in initial_state.items()})
@@ -126,7 +130,7 @@ def test_every_fold_starts_from_the_same_weights(wide_shards, tmp_path, monkeypa
         trained.append(result.best_state)
         return result
 
-    monkeypatch.setattr(tune_module, "fit", recording_fit)
+    monkeypatch.setattr(cross_validation, "fit", recording_fit)
     _, folds = pool_and_folds(cfg)
     reports: list[dict] = []
     metrics = cross_validate(settings, folds, initial, reports.append, every_epoch=True)

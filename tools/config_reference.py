@@ -43,8 +43,8 @@ JOBS = (
     Job(("launch/pretrain.py",), "cmunet.training.pretrain_config:PretrainConfig", "configs/pretrain"),
     Job(("launch/finetune.py", "launch/evaluate.py"), "cmunet.training.finetune:FinetuneConfig",
         "configs/finetune"),
-    Job(("launch/tune.py",), "cmunet.training.tune:TuneConfig", "configs/tune"),
-    Job(("launch/study.py",), "cmunet.study:StudyConfig", "configs/study"),
+    Job(("launch/tune.py",), "cmunet.training.tune_config:TuneConfig", "configs/tune"),
+    Job(("launch/study.py",), "cmunet.study_config:StudyConfig", "configs/study"),
     Job(("tools/shard.py",), "cmunet.data.sharding:ShardConfig", ""),
     Job(("launch/demo.py",), "cmunet.demo:DemoConfig", ""),
 )
@@ -79,6 +79,9 @@ python launch/tune.py --config configs/tune/cpu.yaml "search.lr=[1e-3, 1e-4]" "s
 - A YAML section that sets only some keys keeps the job's own defaults for the others.
 - `--print-config` prints the resolved configuration and exits; the resolved configuration is also
   saved as `config.yaml` beside every output and logged to MLflow as flattened params.
+- `--config` also takes a shipped config by name, which works from an installed package too:
+  `--config cmunet-cpu` (in the command's own folder, here `configs/pretrain/`),
+  `pretrain/cmunet-cpu` or `cmunet://pretrain/cmunet-cpu`. `--list-configs` lists them.
 - `launch/segment.py` takes ordinary command-line flags instead (see `--help` and
   [segment.md](segment.md)).
 
@@ -91,23 +94,36 @@ def load_class(spec: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+CONTINUED = (";", ",", ":", "(", "--")  # a comment ending so goes on on the next comment line
+
+
 def field_comments(cls: type) -> dict[str, str]:
-    """Field name -> the comment lines just above it and the comment at the end of its lines."""
+    """Field name -> the comment lines just above it and the comment at the end of its lines.
+
+    A comment at the end of a field's line that ends with one of :data:`CONTINUED` goes on on the
+    whole-line comments below it (up to one that does not end so): those belong to that field,
+    not to the next one."""
     source = textwrap.dedent(inspect.getsource(cls))
     comments: dict[int, tuple[str, bool]] = {}  # line -> (text, whole line)
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.line.lstrip().startswith("#"))
-    found = {}
+    found: dict[str, str] = {}
+    continued: set[int] = set()  # whole-line comments that continue the field above
     for node in ast.parse(source).body[0].body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
         above, line = [], node.lineno - 1
-        while line in comments and comments[line][1]:
+        while line in comments and comments[line][1] and line not in continued:
             above.insert(0, comments[line][0])
             line -= 1
         after = [comments[n][0] for n in range(node.lineno, node.end_lineno + 1)
                  if n in comments and not comments[n][1]]
+        line = node.end_lineno + 1
+        while after and after[-1].endswith(CONTINUED) and line in comments and comments[line][1]:
+            after.append(comments[line][0])
+            continued.add(line)
+            line += 1
         found[node.target.id] = " ".join(above + after)
     return found
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import sys
 
-from cmunet.config import parse_cli
-from cmunet.demo import DemoConfig, run_demo
+from cmunet.cli.common import start
 
 
 def main(argv: list[str] | None = None) -> int:
-    run_demo(parse_cli(DemoConfig, __doc__, argv))
+    argv = start("cmunet-demo", argv)  # --version; one line if the 'tune' extra is missing
+    from cmunet.config import parse_cli
+    from cmunet.demo import DemoConfig, run_demo
+
+    run_demo(parse_cli(DemoConfig, __doc__, argv, command="cmunet-demo"))
     return 0
 
 

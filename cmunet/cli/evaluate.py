@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import sys
 
-from cmunet.config import parse_cli
-from cmunet.evaluation.evaluate import run_evaluation
-from cmunet.training.finetune import FinetuneConfig
+from cmunet.cli.common import start
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(FinetuneConfig, __doc__.split("\n\n")[0], argv)
+    argv = start("cmunet-evaluate", argv)  # --version; one line if the 'train' extra is missing
+    from cmunet.config import parse_cli
+    from cmunet.evaluation.evaluate import run_evaluation
+    from cmunet.training.finetune import FinetuneConfig
+
+    cfg = parse_cli(FinetuneConfig, __doc__, argv, command="cmunet-evaluate",
+                    kind="finetune")
     try:
         run_evaluation(cfg)
     except (ValueError, FileNotFoundError) as err:

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import sys
 
-from cmunet.config import parse_cli
-from cmunet.training.finetune import FinetuneConfig, run_finetune
+from cmunet.cli.common import start
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(FinetuneConfig, __doc__.split("\n\n")[0], argv)
+    argv = start("cmunet-finetune", argv)  # --version; one line if the 'train' extra is missing
+    from cmunet.config import parse_cli
+    from cmunet.training.finetune import FinetuneConfig, run_finetune
+
+    cfg = parse_cli(FinetuneConfig, __doc__, argv, command="cmunet-finetune",
+                    kind="finetune")
     try:
         run_finetune(cfg)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:

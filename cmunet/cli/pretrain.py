@@ -20,29 +20,38 @@ from __future__ import annotations
 
 import sys
 
-from cmunet.config import parse_cli
-from cmunet.preempt import PREEMPTED, Preempted
-from cmunet.training.pretrain import pretrain
-from cmunet.training.pretrain_config import PretrainConfig
+from cmunet.cli.common import start
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    dry_run = "--dry-run" in argv
-    cfg = parse_cli(PretrainConfig, __doc__, [a for a in argv if a != "--dry-run"])
+    argv = start("cmunet-pretrain", argv)  # --version; one line if the 'train' extra is missing
+    from cmunet.config import parse_command
+    from cmunet.preempt import PREEMPTED, Preempted
+    from cmunet.training.pretrain import pretrain
+    from cmunet.training.pretrain_config import PretrainConfig
+    from cmunet.training.rendezvous import RendezvousError
+
+    cfg, args = parse_command(PretrainConfig, __doc__, argv, command="cmunet-pretrain",
+                              kind="pretrain", dry_run="print what it would do (pool, global "
+                              "batch, lr, steps, checkpoint resumed) and exit, without starting")
     try:
-        if dry_run:
+        if args.dry_run:
             from cmunet.training.dry_run import describe, pretrain_plan
 
             print(describe(pretrain_plan(cfg)))
             return 0
         pretrain(cfg)
     except Preempted as stop:
+        import signal
+
+        # the checkpoint is complete: a launcher ending the other ranks once one of them exits
+        # (deepspeed, torchrun) sends SIGTERM to this one too; it must not change the exit code
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"preempted: {stop}", file=sys.stderr)
         return PREEMPTED
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, RendezvousError) as err:  # a port in use: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

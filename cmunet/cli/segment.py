@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from cmunet import extras
+from cmunet.cli.common import add_common, apply_common, command_parser, start
 from cmunet.config import ConfigError
 from cmunet.inference.model import load_model
 from cmunet.inference.predict import MODES, SegmentOptions
@@ -31,8 +33,7 @@ from cmunet.inference.segment import (EXIT_NOTHING, PROBABILITY_FORMATS, SEG_TYP
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SegmentOptions,
                                                 OutputOptions]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="See docs/segment.md.")
+    parser = command_parser(__doc__)
     parser.add_argument("--model", required=True,
                         help="fine-tuning output folder, .safetensors file, MLflow run id, "
                              "runs:/..., models:/NAME/VERSION or models:/NAME@ALIAS")
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SegmentOptio
                         help="cpu, cuda or cuda:N (default: a GPU when there is one, else cpu)")
     parser.add_argument("--tracking-uri", default="",
                         help="MLflow tracking URI for runs:/ and models:/ "
-                             "(default sqlite:///$PWD/mlflow.db)")
+                             "(default $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
     parser.add_argument("--probabilities", choices=PROBABILITY_FORMATS, default="",
                         help="also write the vessel probability: npy (float32) or png16 (uint16, "
                              "p x 65535), in probabilities/")
@@ -68,7 +69,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SegmentOptio
                         help="also write a DICOM Segmentation object of each DICOM input, in "
                              "dicom_seg/: binary (the mask) or fractional (the probability)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common(parser, "cmunet-segment")
     args = parser.parse_args(argv)
+    apply_common(args)
     if args.spacing is not None and (len(args.spacing) > 2 or min(args.spacing) <= 0):
         parser.error("--spacing takes one or two positive numbers (mm per pixel)")
     try:
@@ -96,9 +99,11 @@ def device_of(name: str) -> torch.device | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, options, outputs = parse_args(argv)
+    args, options, outputs = parse_args(start("cmunet-segment", argv))
     spacing = None if args.spacing is None else (args.spacing[0], args.spacing[-1])
     try:
+        if outputs.dicom_seg:
+            extras.check("cmunet-segment --dicom-seg", "dicom-seg")
         model = load_model(args.model, args.tracking_uri, args.precision,
                            device_of(args.device))
         print(f"model: {model.describe()}")

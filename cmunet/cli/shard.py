@@ -13,10 +13,10 @@ preprocess.fit=crop. See docs/data.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from cmunet.config import ConfigError, load_config
+from cmunet.cli.common import add_common, apply_common, command_parser, start
+from cmunet.config import ConfigError, dump_config, load_config
 from cmunet.data.io import BadInput
 from cmunet.data.sharding import ShardConfig, build_shards
 from cmunet.outdir import OutputError
@@ -29,9 +29,8 @@ FLAGS = {  # command-line flag -> config key
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = start("cmunet-shard", argv)
+    parser = command_parser(__doc__)
     parser.add_argument("--images", help="folder of images (PNG, JPEG, TIFF, DICOM)")
     parser.add_argument("--masks", help="folder of binary masks named like their images")
     parser.add_argument("--meta", help="CSV (image,patient[,spacing_mm]) or JSON metadata")
@@ -53,14 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--salt", help="secret for hashing DICOM patient ids (default: "
                                        "$CMUNET_SALT, else random per run); never stored")
     parser.add_argument("--config", help="YAML file of shard settings (keys: docs/configuration.md, ShardConfig)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved shard config (flags, --config and key=value) "
+                             "and exit")
+    add_common(parser, "cmunet-shard")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    apply_common(args)
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAGS.items()
                  if getattr(args, flag) is not None]
     overrides += [f"{flag}=true" for flag in ("skip_bad", "overwrite", "require_patient")
                   if getattr(args, flag)]
     try:
         cfg = load_config(ShardConfig, args.config, overrides + args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
         manifest = build_shards(cfg, salt=args.salt, log=lambda m: print(m, file=sys.stderr))
     except (ConfigError, BadInput, OutputError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -14,19 +14,26 @@ from __future__ import annotations
 
 import sys
 
-from cmunet.config import parse_cli
-from cmunet.preempt import PREEMPTED, Interrupted, signals_interrupt
-from cmunet.study import StudyConfig, run_study
+from cmunet.cli.common import start
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(StudyConfig, __doc__, argv)
+    argv = start("cmunet-study", argv)  # --version; one line if the 'tune' extra is missing
+    from cmunet.config import parse_cli
+    from cmunet.outdir import OutputError
+    from cmunet.preempt import PREEMPTED, Interrupted, signals_interrupt
+    from cmunet.study import StudyConfig, run_study
+
+    cfg = parse_cli(StudyConfig, __doc__, argv, command="cmunet-study", kind="study")
     try:
         with signals_interrupt("the study"):
             out = run_study(cfg)
     except Interrupted as stop:  # the running search or pre-training saved its state first
         print(f"stopped: {stop}", file=sys.stderr)
         return PREEMPTED
+    except OutputError as err:  # out= is, holds or lies inside an input
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'dice_vs_budget.png'}")
     return 0
 

@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import sys
 
-from cmunet.config import parse_cli
-from cmunet.preempt import PREEMPTED, Interrupted
-from cmunet.training.tune import TuneConfig, run_tune
+from cmunet.cli.common import start
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    dry_run = "--dry-run" in argv
-    cfg = parse_cli(TuneConfig, __doc__.split("\n\n")[0], [a for a in argv if a != "--dry-run"])
+    argv = start("cmunet-tune", argv)  # --version; one line if the 'tune' extra is missing
+    from cmunet.config import parse_command
+    from cmunet.preempt import PREEMPTED, Interrupted
+    from cmunet.training.tune import TuneConfig, run_tune
+
+    cfg, args = parse_command(TuneConfig, __doc__, argv, command="cmunet-tune",
+                              kind="tune", dry_run="print the pool, the folds and the trials "
+                              "and exit, without starting Ray")
     try:
-        if dry_run:
+        if args.dry_run:
             from cmunet.training.dry_run import search_plan
 
             print(search_plan(cfg))

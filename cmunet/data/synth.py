@@ -673,9 +673,8 @@ def generate(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line interface of ``tools/synth.py``."""
+    """Command-line interface of ``cmunet-synth`` (``tools/synth.py``)."""
     parser = argparse.ArgumentParser(
-        prog="synth.py",
         description=(
             "Write synthetic X-ray coronary angiograms with exact vessel masks: "
             "DIR/images/synNNNN.png, DIR/masks/synNNNN.png (0/255) and DIR/meta.csv "
@@ -704,9 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; print a one-line summary; return the exit status."""
-    parser = build_parser()
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run the command line (``parser``, default :func:`build_parser`); print a one-line
+    summary; return the exit status."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:

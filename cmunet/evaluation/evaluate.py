@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+import cmunet
 from cmunet.config import flatten, read_yaml_mapping, save_config
 from cmunet.data import location
 from cmunet.data.splits import load_splits, pool_keys
@@ -32,6 +33,7 @@ from cmunet.evaluation.metrics import DEFAULT_KEYS, diameter_agreement, image_me
 from cmunet.log import logger
 from cmunet.models.export import read_weights
 from cmunet.models.unet import UNet
+from cmunet.outdir import check_out
 from cmunet.tracking.mlflow_run import Tracker
 from cmunet.training.finetune import WEIGHTS, FinetuneConfig, predict
 from cmunet.training.precision import default_device, use_bf16
@@ -86,7 +88,8 @@ def run_evaluation(cfg: FinetuneConfig, log: Callable[[str], None] = LOG.info) -
         if not value:
             raise ValueError(f"{key} is not set: evaluation needs model=FINETUNE_OUT out=EVAL "
                              "data.shards=SHARDS")
-    out = Path(cfg.out)
+    out = check_out(cfg.out, {"model": cfg.model, "data.shards": cfg.data.shards})
+    location.configure(cfg.data.remote)
     model = load_finetuned(cfg.model)
     keys = pool_keys(load_splits(location.join(cfg.data.shards, "splits.json")), cfg.eval.pool,
                      cfg.data.ratio)
@@ -119,12 +122,13 @@ def run_evaluation(cfg: FinetuneConfig, log: Callable[[str], None] = LOG.info) -
 
 def summarize_run(cfg: FinetuneConfig, rows: list[dict], spacings: Sequence,
                   excluded: dict[str, list[str]]) -> dict:
-    """metrics.json: a summary per metric, the diameter agreement (in mm when every image has a
-    spacing, else in pixels) and what was evaluated and excluded."""
+    """metrics.json: the package version, a summary per metric, the diameter agreement (in mm
+    when every image has a spacing, else in pixels) and what was evaluated and excluded."""
     units = "mm" if all(s is not None for s in spacings) else "px"
     agreement = diameter_agreement(*diameters(rows, units))
-    return {"model": cfg.model, "shards": cfg.data.shards, "pool": cfg.eval.pool,
-            "n_images": len(rows), "n_excluded": {k: len(v) for k, v in excluded.items()},
+    return {"cmunet_version": cmunet.__version__, "model": cfg.model, "shards": cfg.data.shards,
+            "pool": cfg.eval.pool, "n_images": len(rows),
+            "n_excluded": {k: len(v) for k, v in excluded.items()},
             "excluded": excluded, **summarize(rows), "pearson_r": {**agreement, "units": units},
             "nsd_tolerance": {"px": cfg.eval.nsd_tolerance, "mm": cfg.eval.nsd_tolerance_mm}}
 

@@ -31,7 +31,7 @@ from cmunet.config import ConfigError, from_dict
 from cmunet.data.preprocess import PreprocessConfig
 from cmunet.models.export import read_weights
 from cmunet.models.unet import UNet
-from cmunet.tracking.mlflow_run import resolve_uri
+from cmunet.tracking.uri import resolve_uri
 from cmunet.tracking.registry import resolve
 from cmunet.training.finetune import PREPROCESSING, WEIGHTS, width_of
 from cmunet.training.precision import Precision, default_device, use_bf16

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import queue
 import subprocess
 import threading
@@ -32,14 +31,13 @@ from typing import Any
 
 from cmunet.config import check
 from cmunet.log import logger
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network calls from the toolkit
-
+from cmunet.tracking.registry import register_folder
+from cmunet.tracking.uri import resolve_uri
 
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: str = ""  # "" = sqlite:///<working directory>/mlflow.db
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<working directory>/mlflow.db
     experiment: str = "cmunet"
     run_name: str = ""  # "" = the output folder's name
     register_as: str = ""  # registered model name for this job's exports/models ("" = none)
@@ -48,17 +46,6 @@ class TrackingConfig:
 
     def __post_init__(self):
         check(self.system_metrics_interval > 0, "system_metrics_interval", "must be positive")
-
-
-def resolve_uri(uri: str) -> str:
-    """An absolute tracking URI: the default SQLite file, or relative sqlite paths made absolute."""
-    if not uri:
-        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    if "://" not in uri:  # a plain folder or file path
-        return f"sqlite:///{Path(uri).resolve()}"
-    return uri
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -199,8 +186,6 @@ class Tracker:
         """Register the logged folder ``artifact_path`` as a new version of model ``name``, once
         the queue has uploaded it."""
         if self.enabled and name:
-            from cmunet.tracking.registry import register_folder
-
             self._queue.put(("call", lambda: register_folder(self.client, self.run_id,
                                                              artifact_path, name, tags)))
 

@@ -21,7 +21,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from cmunet.tracking.mlflow_run import resolve_uri
+from cmunet.extras import import_module
+from cmunet.tracking.uri import resolve_uri
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 
@@ -58,7 +59,8 @@ def resolve(reference: str, tracking_uri: str = "", cache: str | Path | None = N
             raise FileNotFoundError(f"{reference} does not exist (expected a folder, a "
                                     ".safetensors file, runs:/RUN_ID/PATH or models:/NAME/VERSION)")
         return path
-    import mlflow
+    # without MLflow: "models:/... needs the 'mlflow' extra: pip install 'cmunet[mlflow]'"
+    mlflow = import_module("mlflow", reference, "mlflow")
 
     uri = resolve_uri(tracking_uri)
     base = Path(cache or Path(tempfile.gettempdir()) / "cmunet-artifacts")

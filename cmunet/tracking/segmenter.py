@@ -33,6 +33,8 @@ import torch
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
+from cmunet.tracking.registry import _process_uris
+
 ARTIFACT = "finetune"  # key (and folder name) of the fine-tuning output folder in the model
 CODE = Path(__file__).with_name("segmenter_code.py")
 SIGNATURE = ModelSignature(
@@ -91,16 +93,13 @@ def log_onnx(tracking_uri: str, run_id: str, path: Path, tags: dict[str, Any]) -
     MLflow's ONNX flavour loads it with onnxruntime, without torch or cmunet."""
     import onnx
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*An input example was not provided")
-            info = mlflow.onnx.log_model(onnx.load(str(path)), name="onnx",
-                                         signature=ONNX_SIGNATURE, save_as_external_data=False,
-                                         tags={k: str(v) for k, v in tags.items()})
-    finally:
-        mlflow.set_tracking_uri(previous)
+    # the process-wide URIs (and $MLFLOW_TRACKING_URI, which resolve_uri reads) are restored after
+    with _process_uris(tracking_uri), mlflow.start_run(run_id=run_id), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        info = mlflow.onnx.log_model(onnx.load(str(path)), name="onnx",
+                                     signature=ONNX_SIGNATURE, save_as_external_data=False,
+                                     tags={k: str(v) for k, v in tags.items()})
     return info.model_uri
 
 
@@ -111,18 +110,14 @@ def log_segmenter(tracking_uri: str, run_id: str, folder: Path, name: str, alias
     empty) and return the version."""
     from mlflow.tracking import MlflowClient
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            # the signature is explicit; an input example at the real size would be megabytes
-            warnings.filterwarnings("ignore", message=".*An input example was not provided")
-            info = mlflow.pyfunc.log_model(name="model", python_model=str(CODE),
-                                           artifacts={ARTIFACT: str(folder)}, signature=SIGNATURE,
-                                           pip_requirements=requirements(),
-                                           registered_model_name=name)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with _process_uris(tracking_uri), mlflow.start_run(run_id=run_id), \
+            warnings.catch_warnings():
+        # the signature is explicit; an input example at the real size would be megabytes
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(CODE),
+                                       artifacts={ARTIFACT: str(folder)}, signature=SIGNATURE,
+                                       pip_requirements=requirements(),
+                                       registered_model_name=name)
     version = str(info.registered_model_version)
     client = MlflowClient(tracking_uri=tracking_uri)
     for key, value in tags.items():
