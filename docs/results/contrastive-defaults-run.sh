@@ -21,4 +21,7 @@ run pool4
 run ema-constant cmunet.ema_schedule=constant
 run sync-bn model.sync_batch_norm=true
 run head-lr-0.1 cmunet.head_lr_scale=0.1
-run pool1 cmunet.adapter_pool=1
+# the sync-BN run led by 0.08 in retrieval: its seed noise, and the per-pixel adapter beside it
+run sync-bn-pool1 model.sync_batch_norm=true cmunet.adapter_pool=1
+run pool4-seed1 seed=1
+run sync-bn-seed1 model.sync_batch_norm=true seed=1
