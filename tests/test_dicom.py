@@ -20,9 +20,10 @@ SECRETS = {"PatientName": "Zebedee^Quarrington", "PatientID": "MRN-88412-QX",
            "PatientBirthDate": "19380412", "AccessionNumber": "ACC7731904"}
 
 
-def write_dicom(path, pixels, monochrome1=False, frames=1, **header):
+def write_dicom(path, pixels, monochrome1=False, frames=1, sop_class=SecondaryCaptureImageStorage,
+                **header):
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()

@@ -261,9 +261,8 @@ def test_probability_maps_and_dicom_segmentation_objects(model_dir, tmp_path, ca
                         "--batch-size", "2"])  # the frames of run.dcm span batches
     err = capsys.readouterr().err
     assert code == 3 and "bare.dcm: no DICOM SEG: the source lacks StudyInstanceUID" in err
-    assert "run.dcm: no DICOM SEG: the source has 3 frames and no frame of reference" in err
     assert (out / "masks" / "bare.png").is_file() and (out / "masks" / "run_f0002.png").is_file()
-    assert sorted(p.name for p in (out / "dicom_seg").iterdir()) == ["one.dcm"]
+    assert sorted(p.name for p in (out / "dicom_seg").iterdir()) == ["one.dcm", "run.dcm"]
     for name in ("one", "run_f0000", "run_f0002", "plain", "bare"):
         probability = np.load(out / "probabilities" / f"{name}.npy")
         mask = np.asarray(Image.open(out / "masks" / f"{name}.png")) > 0
@@ -296,6 +295,81 @@ def test_probability_maps_and_dicom_segmentation_objects(model_dir, tmp_path, ca
     assert (seg.Rows, seg.Columns) == single.shape
     np.testing.assert_allclose(seg.pixel_array / seg.MaximumFractionalValue, probability,
                                atol=0.5 / 255 + 1e-6)
+
+
+def test_dicom_seg_of_xa_sources_single_and_multi_frame(model_dir, tmp_path, capsys):
+    """X-Ray Angiographic Image Storage sources (no frame of reference, as XA is): a one-frame
+    image and a 3-frame run each get a SEG, frame i referencing source frame i; highdicom reads
+    them back. A source that cannot get one says why in one line."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.uid import (CTImageStorage, SegmentationStorage, XRayAngiographicImageStorage,
+                             generate_uid)
+
+    rng = np.random.default_rng(3)
+    images = tmp_path / "images"
+    images.mkdir()
+    study = {"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
+             "PatientID": "P2", "PatientName": "Test^XA"}
+    xa = {"sop_class": XRayAngiographicImageStorage}
+    write_dicom(images / "xa.dcm", line_image((48, 64), 30, 3, rng, top=4095)[0], **xa, **study)
+    run = np.stack([line_image((64, 48), col, 3, rng, top=4095)[0] for col in (15, 30, 40)])
+    write_dicom(images / "xarun.dcm", run, frames=3, **xa, **study)
+    # a frame of reference without positions (kept in the SEG); a source without its series,
+    # and a CT slice with a position but no orientation: no SEG
+    write_dicom(images / "xafor.dcm", run, frames=3, FrameOfReferenceUID=generate_uid(), **xa,
+                **study)
+    write_dicom(images / "noseries.dcm", run[0], **xa, StudyInstanceUID=generate_uid())
+    write_dicom(images / "ct.dcm", run[0], sop_class=CTImageStorage, **study,
+                FrameOfReferenceUID=generate_uid(), ImagePositionPatient=[0, 0, 0])
+    out = tmp_path / "seg"
+    for kind in ("binary", "fractional"):
+        code = load_tool("segment")(["--model", str(model_dir), "--input", str(images), "--out",
+                                     str(out / kind), "--dicom-seg", kind, "--no-progress",
+                                     "--batch-size", "2"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        refused = [line for line in lines if line.startswith("warning:")]  # one per file
+        assert code == 3 and len(refused) == 2, "\n".join(lines)
+        assert any("noseries.dcm: no DICOM SEG: the source lacks SeriesInstanceUID" in line
+                   for line in refused)
+        assert any("ct.dcm: no DICOM SEG: the source's frames have positions in its frame of "
+                   "reference, but highdicom cannot place the segmentation there (the source "
+                   "lacks PixelSpacing)" in line for line in refused)
+        assert sorted(p.name for p in (out / kind / "dicom_seg").iterdir()) == \
+            ["xa.dcm", "xafor.dcm", "xarun.dcm"]
+        for name, frames in (("xa", 1), ("xarun", 3), ("xafor", 3)):
+            source = pydicom.dcmread(images / f"{name}.dcm")
+            seg = pydicom.dcmread(out / kind / "dicom_seg" / f"{name}.dcm")
+            assert seg.SOPClassUID == SegmentationStorage and seg.Modality == "SEG"
+            assert seg.SegmentationType == kind.upper() and int(seg.NumberOfFrames) == frames
+            assert (seg.StudyInstanceUID, seg.PatientID, seg.PatientName) == \
+                (source.StudyInstanceUID, "P2", "Test^XA")
+            assert seg.get("FrameOfReferenceUID") == source.get("FrameOfReferenceUID")
+            series = seg.ReferencedSeriesSequence[0]
+            assert series.SeriesInstanceUID == source.SeriesInstanceUID
+            assert series.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+                source.SOPInstanceUID
+            assert series.ReferencedInstanceSequence[0].ReferencedSOPClassUID == \
+                XRayAngiographicImageStorage
+            for number, groups in enumerate(seg.PerFrameFunctionalGroupsSequence, 1):
+                item = groups.DerivationImageSequence[0].SourceImageSequence[0]
+                assert item.ReferencedSOPInstanceUID == source.SOPInstanceUID
+                assert item.get("ReferencedFrameNumber") == (number if frames > 1 else None)
+            pixels = seg.pixel_array.reshape(frames, source.Rows, source.Columns)
+            names = [name] if frames == 1 else [f"{name}_f{i:04d}" for i in range(frames)]
+            masks = np.stack([np.asarray(Image.open(out / kind / "masks" / f"{n}.png")) > 0
+                              for n in names])
+            if kind == "binary":
+                np.testing.assert_array_equal(pixels, masks)
+            else:
+                assert seg.SegmentationFractionalType == "PROBABILITY"
+                assert np.mean((pixels > 127) == masks) > 0.99  # the probability, thresholded
+            read = hd.seg.segread(out / kind / "dicom_seg" / f"{name}.dcm")
+            assert read.number_of_frames == frames
+            if frames > 1:  # frame 2 of the run, looked up through the source reference
+                frame = read.get_pixels_by_source_frame(source.SOPInstanceUID, [2])
+                assert frame.shape == (1, source.Rows, source.Columns, 1)
+                assert (frame[0, ..., 0] > 0).sum() == (pixels[1] > 0).sum()
 
 
 # ---- model references ----------------------------------------------------------------------------

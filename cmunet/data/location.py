@@ -3,15 +3,16 @@
 ``data.shards`` (and ``tools/shard.py --out``) is one of
 
 * a local folder: ``/shared/shards/xca512``;
-* an object store or web server, read through fsspec: ``s3://bucket/xca512``,
-  ``gs://bucket/xca512``, ``https://host/xca512`` (any protocol fsspec knows);
-* a WebDataset ``pipe:`` command that writes one file of the set to its standard output, with
-  ``{name}`` where the file's name goes: ``pipe:aws s3 cp s3://bucket/xca512/{name} -``.
+* an object store or web server: ``s3://bucket/xca512``, ``gs://bucket/xca512`` (through
+  fsspec: s3fs, gcsfs), ``https://host/xca512`` (requests), or any other protocol fsspec knows;
+* a WebDataset-style ``pipe:`` command that writes one file of the set to its standard output,
+  with ``{name}`` where the file's name goes: ``pipe:aws s3 cp s3://bucket/xca512/{name} -``.
 
-The small files (``manifest.json``, ``splits.json``) are read through fsspec (a ``pipe:``
-command is run). The tar shards are opened by WebDataset's own URL handling (``gopen``: local
-files, ``pipe:``, ``http(s)://`` with curl, ``gs://`` with gsutil); for the protocols gopen has no
-handler for (``s3://`` among them) they are streamed through fsspec.
+Every file at a URL, the small ones (``manifest.json``, ``splits.json``) and the tar shards, is
+read front to back by one reader with a connect and a read time-out and a bounded number of
+retries (:class:`RemoteConfig`, ``data.remote`` of the jobs, set with :func:`configure`): a hang,
+a dropped connection, a truncated shard or a missing file ends in one line naming the URL and the
+cause (:class:`ReadError`, :class:`MissingFile`).
 
 Credentials come from each tool's usual environment variables and files (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` or ``~/.aws``; ``GOOGLE_APPLICATION_CREDENTIALS``;
@@ -21,8 +22,18 @@ logged with the run's configuration, so it must not carry a secret.
 
 from __future__ import annotations
 
+import io
+import os
+import re
+import select
 import shlex
+import signal
 import subprocess
+import tarfile
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -90,52 +101,293 @@ def read_bytes(location: str | Path, name: str) -> bytes:
 
 
 def read_file(url: str | Path) -> bytes:
-    """The bytes of one file: a path, an fsspec URL or a ``pipe:`` command's output;
-    FileNotFoundError when it is not there (or the command fails)."""
+    """The bytes of one file: a path, a URL or a ``pipe:`` command's output, read with the
+    time-outs and retries of :func:`configure`; FileNotFoundError when it is not there
+    (:class:`MissingFile` for a URL), :class:`ReadError` when it cannot be read."""
     url = str(url)
-    if url.startswith(PIPE):
-        result = subprocess.run(url[len(PIPE):], shell=True, capture_output=True)
-        if result.returncode != 0:
-            raise FileNotFoundError(f"{url} failed (exit {result.returncode}): "
-                                    f"{result.stderr.decode(errors='replace').strip()[-300:]}")
-        return result.stdout
     if not is_url(url):
         if not Path(url).is_file():
             raise FileNotFoundError(url)
         return Path(url).read_bytes()
-    import fsspec
-
-    try:
-        with fsspec.open(url, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(public(url)) from None
+    with _Reader(url, _settings) as reader:
+        return reader.readall()
 
 
 def open_shard(url: str):
-    """A binary stream of the tar at ``url``: WebDataset's gopen where it has a handler for the
-    protocol (files, pipe:, http(s), gs), fsspec otherwise (s3 and the rest)."""
-    kind = scheme(url)
-    from webdataset.gopen import gopen, gopen_schemes  # the training stack: imported when used
-
-    if kind in ("", "file") or kind in gopen_schemes:
-        return gopen(url, "rb")
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
+    """A binary stream of the tar at ``url`` (a path, ``file://``, or a URL read like
+    :func:`read_file`)."""
+    if not is_url(url) or scheme(url) == "file":
+        return open(urlsplit(url).path if scheme(url) == "file" else url, "rb")
+    return io.BufferedReader(_Reader(url, _settings), 1 << 20)
 
 
 def tar_samples(url: str):
     """The raw samples (dicts of member bytes, ``__key__``, ``__url__``) of the tar at ``url``,
-    grouped as WebDataset groups them."""
+    grouped as WebDataset groups them (``dir/key.suffix``: the key ends at the first dot of the
+    file name); a truncated or damaged tar is a :class:`ReadError` naming ``url``."""
     stream = open_shard(url)
+    sample: dict = {}
     try:
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-
-        files = tar_file_expander(iter([{"url": url, "stream": stream}]))
-        yield from group_by_keys(files)
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for member in tar:
+            tar.members = []  # a stream: keep no index of what was read
+            folder, _, name = member.name.rpartition("/")
+            if not member.isreg() or name.startswith("__") or "." not in name:
+                continue  # folders, WebDataset's __meta__ files
+            key = (folder + "/" if folder else "") + name.split(".", 1)[0]
+            if sample.get("__key__") != key:
+                if sample:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            sample[name.split(".", 1)[1].lower()] = tar.extractfile(member).read()
+        if sample:
+            yield sample
+    except (tarfile.TarError, EOFError, zlib.error) as err:
+        raise ReadError(url, f"not a whole tar file ({err}): the shard is truncated or damaged; "
+                             "rebuild the set with tools/shard.py") from None
     finally:
         stream.close()
+
+
+# ---- time-outs and retries of remote reads ------------------------------------------------------
+
+@dataclass
+class RemoteConfig:
+    """How files of a shard set at a URL are read (``data.remote``). Every read of a URL is
+    bounded: a server that accepts and never answers, or a command that writes nothing, fails the
+    try after the time-out; a failed try is retried, resuming at the byte reached; then the job
+    stops with one line naming the URL and the cause."""
+
+    # seconds to reach the server (http(s), s3, gs); pipe: for the command's first output
+    connect_timeout_s: float = 30.0
+    # seconds a try may wait for more bytes (the server's answer, the next part of the file)
+    read_timeout_s: float = 60.0
+    # tries after the first failed one, per file (0.5 s, 1 s, 2 s, ... apart, at most 8 s); a
+    # missing file (HTTP 404, no such object) and a refused one (HTTP 403) are not retried
+    retries: int = 3
+
+    def __post_init__(self):
+        from cmunet.config import check
+
+        check(self.connect_timeout_s > 0, "connect_timeout_s", "must be > 0 seconds")
+        check(self.read_timeout_s > 0, "read_timeout_s", "must be > 0 seconds")
+        check(self.retries >= 0, "retries", "must be >= 0")
+
+
+_settings = RemoteConfig()
+
+
+def configure(remote: RemoteConfig) -> None:
+    """Read URLs with ``remote`` from now on in this process (a job calls it with its
+    ``data.remote``; a :class:`~cmunet.data.stream.ShardStream` carries it into its workers)."""
+    global _settings
+    _settings = remote
+
+
+def remote_config() -> RemoteConfig:
+    return _settings
+
+
+class ReadError(ValueError):
+    """A file of a shard set cannot be read; ``str()`` is one line, ``"<url>: <cause>"``."""
+
+    def __init__(self, url: str, cause: str | None = None):
+        if cause is None:  # a message; torch re-raises a loader worker's error as
+            # type(its traceback as text): keep the last line, the error itself
+            lines = str(url).strip().splitlines() or [""]
+            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+            message = lines[-1].removeprefix(prefix)
+        else:
+            message = f"{public(url)}: {cause}"
+        super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (str(self),)
+
+
+class MissingFile(ReadError, FileNotFoundError):
+    """The file is not at the URL (HTTP 404 or 410, no such object)."""
+
+
+class _Failed(Exception):
+    """A failed try, with the cause as it is shown; ``final``: retrying cannot help."""
+
+    def __init__(self, cause: str, final: bool = False):
+        super().__init__(cause)
+        self.final = final
+
+
+class _Reader(io.RawIOBase):
+    """A file at a URL read front to back: each try opens it at the byte reached, and a failed
+    try (time-out, dropped connection, server error, short body) is retried up to
+    ``remote.retries`` times in all; then :class:`ReadError` naming the URL and the cause."""
+
+    def __init__(self, url: str, remote: RemoteConfig):
+        self.url, self.remote = url, remote
+        self.offset, self.tries = 0, 0
+        self.body = None  # the current try: .read(n), .close()
+        self.size: int | None = None  # of the whole file, where the server says it
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while True:
+            try:
+                if self.body is None:
+                    self.body, self.size = _open_at(self.url, self.offset, self.remote)
+                data = self.body.read(len(buffer))
+                if not data and self.size is not None and self.offset < self.size:
+                    raise _Failed(self._ended())
+            except MissingFile:
+                self._drop()
+                raise
+            except Exception as err:  # every library raises its own types
+                self._drop()
+                final = getattr(err, "final", False) or isinstance(err, PermissionError)
+                if final or self.tries >= self.remote.retries:
+                    tries = f" ({self.tries + 1} tries)" if self.tries else ""
+                    cause = _cause(err, self.remote)
+                    if "incompleteread" in cause.lower() and self.size is not None:
+                        cause = self._ended()  # urllib3's words for a body cut short
+                    raise ReadError(self.url, cause + tries) from None
+                time.sleep(min(0.5 * 2 ** self.tries, 8.0))
+                self.tries += 1
+                continue
+            buffer[:len(data)] = data
+            self.offset += len(data)
+            return len(data)
+
+    def _ended(self) -> str:
+        return f"the connection ended after {self.offset} of {self.size} bytes"
+
+    def _drop(self) -> None:
+        body, self.body = self.body, None
+        if body is not None:
+            try:
+                body.close()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def _cause(err: BaseException, remote: RemoteConfig) -> str:
+    """One line saying why a try failed."""
+    if isinstance(err, _Failed):
+        return str(err)
+    names = [type(e).__name__.lower() for e in (err, err.__cause__, err.__context__) if e]
+    if any("timeout" in name for name in names):
+        if any(name.startswith("connect") and "timeout" in name for name in names):
+            return f"timed out: no connection within {remote.connect_timeout_s:g} s"
+        return f"timed out: no answer within {remote.read_timeout_s:g} s"
+    text = " ".join(str(err).split())
+    refused = re.search(r"\[Errno -?\d+\] ([^\"')\]]+)", text)  # requests, aiohttp, botocore
+    if refused and any("connect" in name for name in names):
+        return f"cannot connect: {refused.group(1).strip()}"
+    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
+
+
+def _open_at(url: str, offset: int, remote: RemoteConfig):
+    """(body, size of the whole file or None) of one try reading ``url`` from byte ``offset``."""
+    kind = scheme(url)
+    if kind == "pipe":
+        body, size = _Command(url[len(PIPE):], remote), None
+    elif kind in ("http", "https"):
+        body, size, offset = _http_at(url, offset, remote)
+    else:
+        return _fsspec_at(url, offset, remote)
+    while offset > 0:  # the try starts at byte 0: skip what earlier tries delivered
+        skipped = body.read(min(offset, 1 << 20))
+        if not skipped:
+            raise _Failed("the file is shorter than on the earlier try")
+        offset -= len(skipped)
+    return body, size
+
+
+def _http_at(url: str, offset: int, remote: RemoteConfig):
+    """(body, size, bytes to skip): a GET of ``url`` asking for the bytes from ``offset``."""
+    import requests
+
+    response = requests.get(url, headers={"Range": f"bytes={offset}-"} if offset else {},
+                            stream=True, timeout=(remote.connect_timeout_s, remote.read_timeout_s))
+    status = response.status_code
+    if status >= 400:
+        response.close()
+        cause = f"HTTP {status} {response.reason or ''}".rstrip()
+        if status in (404, 410):
+            raise MissingFile(url, f"not found ({cause})")
+        raise _Failed(cause, final=status < 500 and status not in (408, 429))
+    skip = 0 if status == 206 else offset  # a server that ignores Range sends the whole file
+    length = response.headers.get("Content-Length", "")
+    size = int(length) + offset - skip if length.isdigit() else None
+    response.raw.decode_content = False  # the bytes as stored (tarfile reads gzip itself)
+    return response.raw, size, skip
+
+
+def _fsspec_at(url: str, offset: int, remote: RemoteConfig):
+    """(file, size) of an fsspec URL (s3, gs, ...) opened at ``offset``, with the time-outs set;
+    s3fs's and botocore's own retries are off (the :class:`_Reader` retries), gcsfs keeps its
+    own (fixed when the class is defined)."""
+    import fsspec
+
+    connect, read = remote.connect_timeout_s, remote.read_timeout_s
+    options: dict = {}
+    if scheme(url) in ("s3", "s3a"):
+        options = {"config_kwargs": {"connect_timeout": connect, "read_timeout": read,
+                                     "retries": {"total_max_attempts": 1}}}
+    elif scheme(url) in ("gs", "gcs"):  # gcsfs passes it to every aiohttp request
+        import aiohttp
+
+        options = {"requests_timeout": aiohttp.ClientTimeout(
+            total=None, sock_connect=connect, sock_read=read)}
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if scheme(url) in ("s3", "s3a"):
+        fs.retries = 1  # tries per request (this instance: these options only)
+    try:
+        file = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise MissingFile(url, "not found") from None
+    file.seek(offset)
+    return file, file.size
+
+
+class _Command:
+    """The standard output of a ``pipe:`` command: its first bytes within the connect time-out,
+    then no pause longer than the read time-out; a non-zero exit status fails the try."""
+
+    def __init__(self, command: str, remote: RemoteConfig):
+        self.remote, self.started = remote, False
+        self.errors = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE,
+                                        stderr=self.errors, start_new_session=True)
+
+    def read(self, n: int) -> bytes:
+        wait = self.remote.read_timeout_s if self.started else self.remote.connect_timeout_s
+        if not select.select([self.process.stdout], [], [], wait)[0]:
+            raise _Failed(f"timed out: the command wrote nothing for {wait:g} s")
+        self.started = True
+        data = os.read(self.process.stdout.fileno(), n)
+        if not data:
+            try:
+                code = self.process.wait(self.remote.read_timeout_s)
+            except subprocess.TimeoutExpired:
+                raise _Failed("timed out: the command closed its output but did not "
+                              f"exit within {self.remote.read_timeout_s:g} s") from None
+            if code != 0:
+                self.errors.seek(0)
+                said = " ".join(self.errors.read().decode(errors="replace").split())[-300:]
+                raise _Failed(f"the command failed (exit {code})" + (f": {said}" if said else ""))
+        return data
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the shell and what it started
+            self.process.wait()
+        self.process.stdout.close()
+        self.errors.close()
 
 
 # ---- writing (tools/shard.py --out URL) --------------------------------------------------------
@@ -179,6 +431,8 @@ def _listing(fs, root: str) -> list[str]:
         return []
 
 
-def remote_is_empty(location: str) -> bool:
+def remote_names(location: str) -> list[str]:
+    """The files under the writable URL ``location``, as paths relative to it."""
     fs, root = remote_fs(location)
-    return not _listing(fs, root.rstrip("/"))
+    root = root.rstrip("/")
+    return [p[len(root) + 1:] for p in _listing(fs, root)]

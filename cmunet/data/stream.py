@@ -131,6 +131,7 @@ class _Source:
     decoder: _Decoder
     shards: tuple[tuple[str, tuple[str, ...]], ...]  # (url, selected keys in tar order)
     weight: float  # visits of each sample per epoch (fractions: a random subset each epoch)
+    size: int | None = None  # side of the images in pixels (the manifest's size)
 
     @property
     def count(self) -> int:
@@ -176,6 +177,7 @@ class ShardStream(IterableDataset):
         self.batches_per_epoch = batches_per_epoch  # per rank; None = one pass, rounded up
         self.epoch, self.skip_batches = 0, 0  # where to start (resume)
         self.epochs = epochs  # where to stop (None: endless)
+        self.remote = location.remote_config()  # the job's time-outs, for the loader workers
 
     def layout(self) -> tuple[int, int, int]:
         """(rank, world size, batches per rank and epoch) as the workers will see them."""
@@ -187,6 +189,7 @@ class ShardStream(IterableDataset):
         return rank, world, per_rank
 
     def __iter__(self):
+        location.configure(self.remote)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rank, world, per_epoch = self.layout()
@@ -288,9 +291,12 @@ class ShardStream(IterableDataset):
             finally:
                 samples.close()
             if found < len(wanted):
-                raise ValueError(f"{location.public(url)} lacks {len(wanted) - found} of the "
-                                 "samples its manifest lists: the shard folder is damaged; rebuild it with "
-                                 "tools/shard.py")
+                raise _lacks(url, len(wanted) - found)
+
+
+def _lacks(url: str, count: int) -> location.ReadError:
+    return location.ReadError(url, f"lacks {count} of the samples its manifest lists: the shard "
+                                   "set is damaged; rebuild it with tools/shard.py")
 
 
 def _owned(slot: int, workers: int, first: int, upto: int) -> int:
@@ -337,7 +343,7 @@ def _source(folder: str | Path, keys: Iterable[str] | None, weight: float,
             by_shard.setdefault(sample["shard"], []).append(sample["key"])
     shards = tuple((location.join(folder, name), tuple(keys)) for name, keys in by_shard.items())
     return _Source(str(folder), _Decoder(manifest["mean"], manifest["std"], with_masks),
-                   shards, weight)
+                   shards, weight, manifest.get("size"))
 
 
 def _selected(folder: str | Path, manifest: dict, keys: Iterable[str] | None) -> set[str]:
@@ -352,12 +358,13 @@ def _selected(folder: str | Path, manifest: dict, keys: Iterable[str] | None) ->
     return chosen
 
 
-def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False,
+                worker_init_fn=None) -> DataLoader:
     """A DataLoader over the stream. Take one iterator for the whole job: the stream does not
     stop between epochs, so its workers (and their shuffle buffers) live from the first batch to
     the last instead of restarting every epoch."""
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=2 if num_workers else None)
+                      prefetch_factor=2 if num_workers else None, worker_init_fn=worker_init_fn)
 
 
 class InMemorySet(Dataset):
@@ -376,6 +383,9 @@ class InMemorySet(Dataset):
         urls = sorted({location.join(shards, by_key[k]["shard"]) for k in wanted})
         raw = {s["__key__"]: s for u in urls for s in location.tar_samples(u)
                if s["__key__"] in selected}
+        lacking = [by_key[k]["shard"] for k in wanted if k not in raw]
+        if lacking:
+            raise _lacks(location.join(shards, lacking[0]), lacking.count(lacking[0]))
         decoder = _Decoder(manifest["mean"], manifest["std"], with_masks)
         self.items = [decoder(raw[k]) for k in wanted]
         self.spacing = [by_key[k].get("spacing") for k in wanted]

@@ -2,7 +2,8 @@
 
 Reads the manifest and splits, resolves the pool, the global batch, the learning rate and the
 number of steps as :mod:`cmunet.training.pretrain` does, and names the checkpoint it would
-resume from. The world size is WORLD_SIZE (set by launchers), else 1, else ``world_size``.
+resume from. Views larger than the shards' images (``view_size``, plus CM-UNet's pixel-shift
+margin: the base its two views are cut from) are refused. The world size is WORLD_SIZE (set by launchers), else 1, else ``world_size``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def pretrain_plan(cfg: PretrainConfig, world_size: int | None = None) -> dict:
     t = cfg.train
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     check_out(cfg.out, {"data.shards": cfg.data.shards})
+    location.configure(cfg.data.remote)
     stream = pretrain_stream(cfg, 0, world)
+    refuse_large_views(cfg, {source.folder: source.size for source in stream.sources})
     per_folder = {source.folder: source.per_epoch for source in stream.sources}
     main = per_folder.pop(cfg.data.shards, 0) if cfg.data.pool != "none" else 0
     extra, pool = per_folder, stream.epoch_size
@@ -40,6 +43,23 @@ def pretrain_plan(cfg: PretrainConfig, world_size: int | None = None) -> dict:
             "total_steps": steps_per_epoch * t.epochs,
             "resume_from": str(folder / found[0]) if found else None,
             "resume_step": found[1]["step"] if found else 0, "out": cfg.out}
+
+
+def refuse_large_views(cfg: PretrainConfig, sizes: dict[str, int | None]) -> None:
+    """A ValueError when the views (for CM-UNet: the base they are cut from, view_size plus the
+    pixel-shift margin) are larger than the images of a folder (``sizes``: folder -> side)."""
+    if cfg.method == "none":  # no views
+        return
+    margin = 0
+    if cfg.method.startswith("cmunet"):  # as CMUNet resolves cmunet.shift
+        margin = cfg.cmunet.shift if cfg.cmunet.shift >= 0 else round(31 * cfg.view_size / 224)
+    side = cfg.view_size + margin
+    for folder, size in sizes.items():
+        if size is not None and side > size:
+            base = f" + cmunet.shift {margin} = {side} px" if margin else " px"
+            raise ValueError(f"view_size {cfg.view_size}{base} is larger than the {size}-px "
+                             f"images of {location.public(folder)}: lower view_size (or shard "
+                             "the images at a larger --size)")
 
 
 def describe(plan: dict) -> str:
@@ -59,13 +79,12 @@ def search_plan(cfg) -> str:
     """What ``launch/tune.py`` would run (TuneConfig ``cfg``): pool, folds and trials, and the
     saved search state it would continue; no Ray is started."""
     from cmunet.training.finetune import patients_of
-    from cmunet.training.tune import patient_folds
+    from cmunet.training.folds import patient_folds
+    from cmunet.training.tune_config import local_init, search_state
 
     s = cfg.search
-    from cmunet.tracking.registry import is_mlflow_uri
-
-    init = None if cfg.init == "none" or is_mlflow_uri(cfg.init) else cfg.init
-    check_out(cfg.out, {"data.shards": cfg.data.shards, "init": init})
+    check_out(cfg.out, {"data.shards": cfg.data.shards, "init": local_init(cfg)})
+    location.configure(cfg.data.remote)
     splits = load_splits(location.join(cfg.data.shards, "splits.json"))
     pool = pool_keys(splits, "finetune", cfg.data.ratio)
     folds = patient_folds(pool, patients_of(cfg.data.shards), s.folds, cfg.seed, lambda m: None)
@@ -74,7 +93,7 @@ def search_plan(cfg) -> str:
     else:
         trials = [f"{s.samples} draws: lr log-uniform in [{min(s.lr):g}, {max(s.lr):g}], "
                   f"batch_size in {list(s.batch_size)}"]
-    state = f"{(s.storage or str(Path(cfg.out) / 'ray')).rstrip('/')}/search"
+    state = search_state(cfg)
     resume = Path(state).is_dir() and (Path(state) / "tuner.pkl").exists()
     lines = [f"dry run of the search into {cfg.out} (Ray not started)",
              f"fine-tuning pool {cfg.data.ratio}: {len(pool)} images in {len(folds)} folds of "

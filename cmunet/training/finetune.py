@@ -41,6 +41,7 @@ from cmunet.evaluation.metrics import dice
 from cmunet.log import logger
 from cmunet.models.export import LoadReport, load_export, load_into
 from cmunet.models.unet import UNet
+from cmunet.outdir import MODEL, check_out
 from cmunet.tracking.mlflow_run import Tracker, TrackingConfig
 from cmunet.tracking.registry import resolve
 from cmunet.training.precision import (Precision, autocast, compile_modules, default_device,
@@ -57,6 +58,8 @@ class DataConfig:
     ratio: str = "79-1"  # PT-FT ratio whose fine-tuning pool is trained on
     val_fraction: float = 0.2  # share of the pool's images held out (by patient) for validation
     num_workers: int = 0  # DataLoader worker processes
+    # time-outs and retries of reads from a URL (s3://, gs://, http(s)://, pipe:)
+    remote: location.RemoteConfig = field(default_factory=location.RemoteConfig)
 
     def __post_init__(self):
         try:
@@ -288,6 +291,7 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
         raise ValueError("fit needs training keys, got none")
     if set(train_keys) & set(val_keys):
         raise ValueError("training and validation keys overlap")
+    location.configure(cfg.data.remote)  # a trial of the search: its own process
     if initial_state is None:
         model, _ = build_model(cfg)
     else:
@@ -345,6 +349,8 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = LOG.info) -> 
         raise ValueError("out is not set: give the output folder, e.g. out=runs/finetune")
     if not cfg.data.shards:
         raise ValueError("data.shards is not set: give the folder written by tools/shard.py")
+    check_out(cfg.out, {"data.shards": cfg.data.shards, "init": cfg.init}, kind=MODEL)
+    location.configure(cfg.data.remote)
     model, report = build_model(cfg)
     cfg = replace(cfg, model_width=model.width)  # the resolved config names the width used
     log(f"init: {cfg.init}, width {model.width} "

@@ -78,6 +78,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = LOG.info,
     if not cfg.data.shards:
         raise ValueError("data.shards is not set: give the folder written by tools/shard.py")
     cfg = absolute(cfg)
+    location.configure(cfg.data.remote)
     check_out(cfg.out, {"data.shards": cfg.data.shards, "init": local_init(cfg)})
     model, report = build_model(finetune_settings(cfg))
     cfg = replace(cfg, model_width=model.width)  # the resolved config names the width used
