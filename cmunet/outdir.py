@@ -2,11 +2,15 @@
 
 Rules every job that writes an ``out`` folder follows (:func:`check_out`):
 
-* ``out`` is never one of the job's inputs, nor a folder that holds one (replacing or filling
-  it would destroy or mix with the data it reads);
-* ``out`` is a folder or does not exist yet (an existing file is refused);
-* ``overwrite`` replaces only a folder that is empty or that this toolkit wrote (``owned``, e.g.
-  it holds a ``manifest.json`` of the shard format): never a folder of someone else's files.
+* ``out`` is never one of the job's inputs, nor a folder that holds one, nor a folder inside one
+  (replacing or filling it would destroy or mix with the data it reads);
+* ``out`` is a folder or does not exist yet (an existing file is refused), and not another kind
+  of output of this toolkit that jobs read (a shard set, a pre-training export, a fine-tuned
+  model), unless it is the job's own kind;
+* ``overwrite`` replaces only a folder that is empty or that holds nothing but what this toolkit
+  wrote there (``foreign`` names the first other file: for shards, anything the set's
+  ``manifest.json`` does not list); never a folder of someone else's files, a symbolic link or
+  the working folder.
 
 Temporary folders are named ``.<out>.tmp-<host>-<pid>``; :func:`remove_stale` deletes those of
 processes of this host that no longer run (a job killed with SIGKILL), and only those.
@@ -14,12 +18,14 @@ processes of this host that no longer run (a job killed with SIGKILL), and only 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import stat
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Collection, Iterable, Mapping
 
 from cmunet.log import logger
 
@@ -28,31 +34,104 @@ class OutputError(ValueError):
     """``out`` cannot be used: a user mistake, reported in one line (exit 2)."""
 
 
+URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/|pipe:")  # s3://, https://, models:/, runs:/, pipe:
+# what kind_of() recognises: outputs that other jobs read
+SHARDS, EXPORT, MODEL = "a shard set", "a pre-training export", "a fine-tuned model"
+
+
 def check_out(out: str | Path, inputs: Mapping[str, str | Path | None], overwrite: bool = False,
-              owned: Callable[[Path], bool] | None = None, must_be_new: bool = False) -> Path:
-    """Refuse an ``out`` that is, or holds, one of ``inputs`` (name -> path; None skipped), an
-    existing file, or (with ``must_be_new``) an existing folder that is neither empty nor, with
-    ``overwrite``, ``owned``. Returns ``out`` as a Path."""
+              foreign: Callable[[Path], str | None] | None = None, must_be_new: bool = False,
+              kind: str | None = None) -> Path:
+    """Refuse an ``out`` that is, holds or lies inside one of ``inputs`` (name -> path; None,
+    "none", URLs and missing paths skipped), an existing file, or an existing output of another
+    kind than ``kind`` (:func:`kind_of`). With ``must_be_new`` (``out`` is replaced as a whole), also a
+    symbolic link, the working folder and an existing folder that is neither empty nor, with
+    ``overwrite``, free of files this toolkit did not write (``foreign`` returns why not, or
+    None). Returns ``out`` as a Path."""
     out = Path(out)
     real = out.resolve()
     for name, path in inputs.items():
-        if not path or "://" in str(path):
-            continue
+        if not path or str(path) == "none" or URI.match(str(path)) or not Path(path).exists():
+            continue  # not set, a URL or a registry name, or missing (the job says so)
         source = Path(path).resolve()
-        if source == real or real in source.parents:
-            what = "is" if source == real else "holds"
+        if source == real or real in source.parents or source in real.parents:
+            what = "is" if source == real else "holds" if real in source.parents else "lies inside"
             raise OutputError(f"out={out} {what} the input {name}={path}; choose an output "
                               "folder outside the input data")
     if out.exists() and not out.is_dir():
         raise OutputError(f"out={out} is an existing file, not a folder; choose another out")
-    if must_be_new and out.is_dir() and any(out.iterdir()):
+    if must_be_new:
+        _check_replaceable(out, real, overwrite, foreign)
+    elif out.is_dir() and (found := kind_of(out)) not in (None, kind):
+        raise OutputError(f"out={out} is {found}, which other jobs read; writing there would "
+                          "mix files into it. Choose an output folder of its own")
+    return out
+
+
+def _check_replaceable(out: Path, real: Path, overwrite: bool,
+                       foreign: Callable[[Path], str | None] | None) -> None:
+    if out.is_symlink():
+        raise OutputError(f"out={out} is a symbolic link (to {real}); give the folder itself, "
+                          "or another out")
+    cwd = Path.cwd().resolve()
+    if out.name in ("", ".", "..") or real == cwd or real in cwd.parents:
+        raise OutputError(f"out={out} is (or holds) the working folder, which cannot be replaced; "
+                          "run from outside it and name the folder, e.g. out=../NAME")
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputError(f"{out} already exists; choose another --out or pass --overwrite")
-        if owned is None or not owned(out):
-            raise OutputError(f"{out} is not empty and was not written by this tool; --overwrite "
-                              "replaces only an empty folder or an earlier output of this tool. "
-                              "Choose another --out or remove the folder yourself")
-    return out
+        reason = foreign(out) if foreign else "was not written by this tool"
+        if reason:
+            raise not_replaceable(out, reason)
+
+
+def not_replaceable(where: str | Path, reason: str) -> OutputError:
+    """The error for an existing output that ``overwrite`` may not replace (nothing deleted)."""
+    return OutputError(f"{where} {reason}; nothing was deleted: --overwrite replaces only an "
+                       "earlier output of this tool that holds nothing else. Choose another --out "
+                       "or move the other files away yourself")
+
+
+def foreign_name(names: Iterable[str], written: Collection[str]) -> str | None:
+    """The first of ``names`` (paths relative to an output) that is not in ``written``."""
+    return next((name for name in sorted(names) if name not in written), None)
+
+
+def names_in(folder: Path) -> list[str]:
+    """Everything under ``folder`` as paths relative to it: files, symbolic links and empty
+    folders (``sub/``); links are not followed."""
+    names = []
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder)
+        links = [d for d in dirs if (Path(root) / d).is_symlink()]
+        names += [(base / n).as_posix() for n in files + links]
+        names += [f"{(base / d).as_posix()}/" for d in dirs
+                  if d not in links and not any((Path(root) / d).iterdir())]
+    return names
+
+
+def check_only(folder: Path, written: Collection[str], what: str) -> None:
+    """Refuse to replace ``folder`` (``what``, e.g. "the export") when it holds a file that is not
+    one of ``written``, naming that file."""
+    name = foreign_name(names_in(folder), written) if folder.is_dir() else None
+    if name:
+        raise OutputError(f"{folder / name} was not written by this tool, and replacing {what} "
+                          f"{folder} would delete it; move it away first")
+
+
+def kind_of(folder: Path) -> str | None:
+    """Which output of this toolkit that jobs read ``folder`` is, or None: :data:`EXPORT`
+    (export.json, model.safetensors), :data:`MODEL` (best.safetensors), :data:`SHARDS`
+    (manifest.json of the shard format)."""
+    if (folder / "export.json").is_file() and (folder / "model.safetensors").is_file():
+        return EXPORT
+    if (folder / "best.safetensors").is_file():
+        return MODEL
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return SHARDS if str(manifest.get("format", "")).startswith("cmunet-shards/") else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_private(folder: Path, what: str) -> None:

@@ -168,6 +168,7 @@ def span_report(online: torch.Tensor, target: torch.Tensor, tolerance: float = 1
     return basis.shape[0], float(outside.square().sum() / target.square().sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter,adapter_pool", [("conv-bn-relu", 4), ("conv-bn-relu", 1),
                                                   ("linear-pooled", 4)])
 def test_online_projector_sees_the_space_of_the_target_projector(adapter, adapter_pool):

@@ -10,11 +10,13 @@ import time
 import types
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from cmunet.training.distributed import free_port
 
+pytestmark = pytest.mark.slow  # every test starts 2 gloo ranks (spawned processes)
 WORLD = 2
 
 

@@ -127,6 +127,34 @@ def test_shard_out_s3_uploads_the_set_and_refuses_to_overwrite(s3, s3_shards, ti
     assert "uploading to s3://no-such-bucket/x failed" in capsys.readouterr().err
 
 
+def test_shard_out_s3_overwrite_keeps_user_files_of_an_earlier_set(s3, tiny_shards, tiny_folder,
+                                                                   capsys):
+    """s3://bucket/set1 is an earlier set (uploaded as the tool does) plus the user's notes.txt
+    and a copied manifest in a prefix of their own: --overwrite refuses both, deleting nothing."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"])
+    location.upload(tiny_shards, f"s3://{BUCKET}/set1", log=lambda *_: None)
+    client.put_object(Bucket=BUCKET, Key="set1/notes.txt", Body=b"mine")
+    client.put_object(Bucket=BUCKET, Key="mine/manifest.json",
+                      Body=(tiny_shards / "manifest.json").read_bytes())
+    client.put_object(Bucket=BUCKET, Key="mine/analysis/results.csv", Body=b"dice\n")
+
+    def keys(prefix):
+        return sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET,
+                                                               Prefix=prefix)["Contents"])
+
+    before = keys("set1/") + keys("mine/")
+    shard = load_tool("shard")
+    for prefix, foreign in (("set1", "notes.txt"), ("mine", "analysis/results.csv")):
+        assert shard(["--images", str(tiny_folder / "images"), "--out", f"s3://{BUCKET}/{prefix}",
+                      "--size", "64", "--workers", "1", "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"holds {foreign}, which was not" in err
+    assert keys("set1/") + keys("mine/") == before
+    assert client.get_object(Bucket=BUCKET, Key="set1/notes.txt")["Body"].read() == b"mine"
+
+
 def test_shard_out_s3_overwrite_replaces_the_set_manifest_last(s3, tiny_folder, capsys):
     url = f"s3://{BUCKET}/again"
     base = ["--images", str(tiny_folder / "images"), "--meta", str(tiny_folder / "meta.csv"),

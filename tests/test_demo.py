@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 
 from conftest import ROOT
 
@@ -24,6 +25,7 @@ def run_demo(out) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_demo_runs_the_pipeline_and_resumes(tmp_path):
     out = tmp_path / "demo"
     text = run_demo(out)

@@ -319,6 +319,7 @@ def test_moco_loss_by_hand():
     assert moco_loss(q, k, queue, tau).item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_moco_queue_is_fifo_and_excludes_the_current_batch():
     module = tiny("moco")  # queue of 12 keys, batch of 4
     images = batch()
@@ -432,6 +433,7 @@ def _moco_rank(rank: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_moco_queue_is_identical_on_two_gloo_ranks():
     out = mp.Manager().dict()
     mp.spawn(_moco_rank, args=(free_port(), out), nprocs=2)
@@ -447,7 +449,8 @@ def test_moco_queue_is_identical_on_two_gloo_ranks():
 def test_moco_deepspeed_two_ranks(tiny_shards, tmp_path):
     bin_dir = Path(sys.executable).parent
     result = subprocess.run(
-        [str(bin_dir / "deepspeed"), "--num_gpus", "2", str(ROOT / "launch/pretrain.py"),
+        [str(bin_dir / "deepspeed"), "--num_gpus", "2", f"--master_port={free_port()}",
+         str(ROOT / "launch/pretrain.py"),
          "--config", str(ROOT / "configs/pretrain/moco-cpu.yaml"), f"data.shards={tiny_shards}",
          "out=OUT", "view_size=64", "model.width=8", "moco.queue_size=36", "moco.mlp_out=16",
          "data.num_workers=1", "train.micro_batch=4", "train.epochs=2", "train.log_every=1"],

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from cmunet.training.distributed import free_port
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,8 @@ def runs_in(db: Path) -> list:
 
 
 def test_deepspeed_two_cpu_ranks(tiny_shards, tmp_path):
-    text = run([str(BIN / "deepspeed"), "--num_gpus", "2", str(ROOT / "launch/pretrain.py"),
+    text = run([str(BIN / "deepspeed"), "--num_gpus", "2", f"--master_port={free_port()}",
+                str(ROOT / "launch/pretrain.py"),
                 *TINY, f"data.shards={tiny_shards}", "out=OUT", "train.epochs=2"], cwd=tmp_path)
     assert "2 rank(s) on cpu" in text
     export = tmp_path / "OUT" / "export"
@@ -155,8 +157,14 @@ def test_user_mistakes_are_one_line_errors_and_dry_run_starts_nothing(tiny_shard
         assert result.returncode == 2, result.stderr[-2000:]
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     result = subprocess.run([*base, f"data.shards={tiny_shards}", "out=OUT", "--dry-run",
-                             "train.epochs=4"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "WORLD_SIZE": "2"})
+                             "view_size=4096"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "larger than the 64-px images" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # 48 + the 7-px shift margin fits the 64-px shards (view_size=64 would need 73 px)
+    result = subprocess.run([*base, f"data.shards={tiny_shards}", "out=OUT", "--dry-run",
+                             "train.epochs=4", "view_size=48"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "WORLD_SIZE": "2"})
     assert result.returncode == 0, result.stderr
     assert "global batch 8, lr" in result.stdout and "starts from scratch" in result.stdout
     assert "world size 2" in result.stdout and not (tmp_path / "OUT").exists()

@@ -215,6 +215,7 @@ def test_one_sixteen_bit_file_is_named_and_skippable(tmp_path, capsys):
     assert manifest["count"] == 3 and [s["file"] for s in manifest["skipped"]] == [str(odd)]
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigkill_leave_no_temporary_folder(tmp_path):
     import os
     import signal
@@ -264,6 +265,7 @@ def test_failure_in_a_late_file_removes_everything(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not XCA.exists(), reason="needs ../shared/data/xca-cadml")
 def test_xca_cadml_with_its_patient_groups(tmp_path, capsys):
     out = tmp_path / "xca"
@@ -279,6 +281,7 @@ def test_xca_cadml_with_its_patient_groups(tmp_path, capsys):
     shutil.rmtree(out)
 
 
+@pytest.mark.slow
 def test_synth_then_shard_command_lines(tmp_path):
     """The documented commands: 60 synthetic 256² angiograms -> shards, manifest, splits."""
     import subprocess

@@ -6,8 +6,9 @@ The output folder holds ``shard-NNNNNN.tar`` files, ``manifest.json``, ``splits.
 Everything is written to a temporary folder beside the output and renamed at the end, so a failed
 or terminated (SIGTERM) run leaves nothing behind; a later run removes the temporary folders of
 killed runs (SIGKILL). ``overwrite`` replaces only an empty folder or an earlier output of this
-tool (see :mod:`cmunet.outdir`), never an input. An output URL (``s3://``, ``gs://``) is built
-locally, then uploaded with the manifest last. Intensity statistics (for the dataset z-score) are
+tool holding nothing but the files its manifest lists (see :mod:`cmunet.outdir`), never an
+input. An output URL (``s3://``, ``gs://``) is built locally, then uploaded with the manifest
+last. Intensity statistics (for the dataset z-score) are
 computed over the non-test samples only.
 """
 
@@ -18,6 +19,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -38,11 +40,14 @@ from cmunet.data.png import encode_png
 from cmunet.data.preprocess import PreprocessConfig, preprocess_image, preprocess_mask
 from cmunet.data.splits import PAPER_RATIOS, SampleInfo, make_splits, save_splits
 from cmunet.log import logger
-from cmunet.outdir import OutputError, check_out, remove_stale, temp_sibling
+from cmunet.outdir import (OutputError, check_out, foreign_name, names_in, not_replaceable,
+                           remove_stale, temp_sibling)
 from cmunet.preempt import default_sigterm, sigterm_exits
 
 LOG = logger(__name__)
 FORMAT = "cmunet-shards/1"
+SET_FILES = ("manifest.json", "splits.json", "config.yaml")  # besides the shards it lists
+SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
 
 
 @dataclass
@@ -106,7 +111,7 @@ def build_shards(cfg: ShardConfig, salt: str | None = None, log=LOG.info) -> dic
         return _build_remote(cfg, salt, log)
     start = time.perf_counter()
     out = check_out(cfg.out, {"images": cfg.images, "masks": cfg.masks, "meta": cfg.meta,
-                              "test_list": cfg.test_list}, cfg.overwrite, is_shard_output,
+                              "test_list": cfg.test_list}, cfg.overwrite, _foreign_local,
                     must_be_new=True)
     remove_stale(out, log)
     files = find_images(cfg.images)
@@ -146,17 +151,16 @@ def _build_remote(cfg: ShardConfig, salt: str | None, log) -> dict:
     for a folder: an existing set is replaced only with ``overwrite``, other files never."""
     target = cfg.out
     try:
-        empty = location.remote_is_empty(target)
+        names = location.remote_names(target)
     except ValueError as err:  # a read-only protocol, a password in the URL
         raise OutputError(str(err)) from None
-    if not empty:
+    if names:
         where = location.public(target)
         if not cfg.overwrite:
             raise OutputError(f"{where} already exists; choose another --out or pass --overwrite")
-        if not _is_shard_manifest(lambda: location.read_bytes(target, "manifest.json")):
-            raise OutputError(f"{where} is not empty and was not written by this tool; "
-                              "--overwrite replaces only an earlier output of this tool. Choose "
-                              "another --out or remove its files yourself")
+        reason = foreign_in_set(names, lambda: location.read_bytes(target, "manifest.json"))
+        if reason:
+            raise not_replaceable(where, reason)
     with tempfile.TemporaryDirectory(prefix="cmunet-shards-") as tmp:
         local = Path(tmp) / "out"
         manifest = build_shards(replace(cfg, out=str(local), overwrite=False), salt, log)
@@ -168,17 +172,25 @@ def _build_remote(cfg: ShardConfig, salt: str | None, log) -> dict:
     return manifest
 
 
-def _is_shard_manifest(read) -> bool:
+def foreign_in_set(names: list[str], read_manifest) -> str | None:
+    """Why an existing output holding ``names`` (paths relative to it) may not be replaced: it
+    has no manifest.json of the shard format, or it holds a file that is neither one of the
+    shards its manifest lists nor one of :data:`SET_FILES`. None for an earlier set holding
+    nothing else (what --overwrite may replace)."""
     try:
-        return json.loads(read()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+        manifest = json.loads(read_manifest())
+        listed = [s["name"] for s in manifest["shards"]] if manifest["format"] == FORMAT else None
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    if listed is None:
+        return "was not written by this tool (it has no manifest.json of the shard format)"
+    name = foreign_name(names, {*SET_FILES, *(n for n in listed if SHARD_NAME.fullmatch(str(n)))})
+    return name and f"holds {name}, which was not written by this tool (its manifest.json " \
+                    "does not list it)"
 
 
-def is_shard_output(folder: Path) -> bool:
-    """Whether ``folder`` holds a manifest.json written by this tool (what --overwrite may
-    replace)."""
-    return _is_shard_manifest((folder / "manifest.json").read_text)
+def _foreign_local(folder: Path) -> str | None:
+    return foreign_in_set(names_in(folder), (folder / "manifest.json").read_text)
 
 
 def _write(cfg, files, masks, meta, salt, tmp: Path, log) -> dict:

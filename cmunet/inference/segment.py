@@ -44,6 +44,7 @@ from cmunet.inference.dicom_seg import SEG_TYPES, write_dicom_seg
 from cmunet.inference.model import InferenceModel
 from cmunet.inference.predict import SegmentOptions, storage_note, to_mask, vessel_probabilities
 from cmunet.log import bar_disable
+from cmunet.outdir import check_out
 
 EXIT_OK = 0  # every input segmented
 EXIT_NOTHING = 2  # nothing segmented: no usable image, or the model or arguments were unusable
@@ -144,8 +145,8 @@ def run_segment(model: InferenceModel, inputs: str | Path, out: str | Path,
     ``inputs`` holds no image file at all; problems with single files are collected in the report
     (a DICOM SEG that cannot be made is one, its masks are written all the same).
     """
+    out = check_out(out, {"--input": inputs, "--model": model.weights.parent})
     files = input_files(inputs)
-    out = Path(out)
     folders = ["masks", "overlays"] + (["probabilities"] if outputs.probabilities else []) + \
         (["dicom_seg"] if outputs.dicom_seg else [])
     for folder in folders:

@@ -22,14 +22,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cmunet.outdir import check_only
+
 WEIGHTS = "model.safetensors"
 INFO = "export.json"
+FILES = (WEIGHTS, INFO, "config.yaml", "manifest.json")  # what an export folder holds
 
 
 def save_export(folder: str | Path, state: dict[str, torch.Tensor], info: dict,
                 config_yaml: str, manifest: dict | None) -> Path:
-    """Write an export folder atomically (replacing an older one) and return its path."""
+    """Write an export folder atomically (replacing an older one, refused when it holds other
+    files than :data:`FILES`) and return its path."""
     folder = Path(folder)
+    check_only(folder, FILES, "the export")
     tmp = folder.parent / f".{folder.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from cmunet.training.precision import default_device
+from cmunet.training.rendezvous import RendezvousError
 
 
 @dataclass
@@ -65,9 +66,13 @@ def set_cpu_threads() -> int:
     return threads
 
 
-def init_distributed(timeout_s: float = 3600) -> DistInfo:
+def init_distributed(timeout_s: float = 3600,
+                     stop_requested: Callable[[], object] | None = None) -> DistInfo:
     """Initialise (or join) the process group through DeepSpeed and return this rank's place;
-    a collective that waits longer than ``timeout_s`` seconds fails."""
+    a collective that waits longer than ``timeout_s`` seconds fails. A rendezvous that cannot
+    happen (rank 0's port in use, no rank 0 within $CMUNET_CONNECT_TIMEOUT_S, or
+    ``stop_requested()`` true while a rank waits for it) raises :class:`RendezvousError` with a
+    one-line message."""
     import deepspeed
 
     os.environ.setdefault("RANK", "0")
@@ -76,15 +81,15 @@ def init_distributed(timeout_s: float = 3600) -> DistInfo:
     world = int(os.environ["WORLD_SIZE"])
     if "MASTER_ADDR" not in os.environ:
         if world > 1 and local_world_size() != world:  # several nodes, or cannot tell
-            raise RuntimeError(
+            raise RendezvousError(
                 f"WORLD_SIZE={world} but MASTER_ADDR is not set and this node runs "
                 f"{local_world_size()} of the ranks: set MASTER_ADDR to rank 0's host name or "
                 "address (127.0.0.1 would leave every node waiting for itself)")
         os.environ["MASTER_ADDR"] = "127.0.0.1"
     if "MASTER_PORT" not in os.environ:
         if int(os.environ["WORLD_SIZE"]) > 1:
-            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set; use a launcher "
-                               "(deepspeed, torchrun) or set MASTER_ADDR and MASTER_PORT")
+            raise RendezvousError("WORLD_SIZE > 1 but MASTER_PORT is not set; use a launcher "
+                                  "(deepspeed, torchrun) or set MASTER_ADDR and MASTER_PORT")
         os.environ["MASTER_PORT"] = str(free_port())
     device = default_device()
     if device.type == "cuda":
@@ -96,7 +101,7 @@ def init_distributed(timeout_s: float = 3600) -> DistInfo:
         from cmunet.training.rendezvous import init_process_group  # listeners on MASTER_ADDR only
 
         backend = "nccl" if device.type == "cuda" else "gloo"
-        init_process_group(backend, timedelta(seconds=timeout_s))
+        init_process_group(backend, timedelta(seconds=timeout_s), stop_requested)
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                     int(os.environ["LOCAL_RANK"]), device)

@@ -12,6 +12,10 @@ SIGTERM or SIGINT (preemption, ``scancel``, Ctrl-C) stops the job after the curr
 step: every rank writes the checkpoint of that step, rank 0 writes ``OUT/preempted.json``, and
 :class:`~cmunet.preempt.Preempted` is raised (``launch/pretrain.py`` exits with 75). On resume,
 ``log.csv`` and the MLflow run continue from the resumed step: nothing is logged twice.
+The signal may reach one rank, every process of the group (DataLoader workers ignore it and
+die with their rank) or only a launcher: a launcher above the rank that goes away (the
+``deepspeed`` runner exits on SIGTERM without passing it on) counts as a SIGTERM
+(:meth:`~cmunet.preempt.StopRequest.watch_launchers`); see docs/multinode.md.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import ShardStream, load_manifest, make_loader
 from cmunet.log import bar_disable, logger, setup_logging
 from cmunet.methods import build_method
-from cmunet.models.export import save_export
+from cmunet.models.export import FILES as EXPORT_FILES, save_export
 from cmunet.models.unet import count_parameters
-from cmunet.outdir import check_out
-from cmunet.preempt import Preempted, StopRequest
+from cmunet.outdir import check_only, check_out
+from cmunet.preempt import (Preempted, StopRequest, stop_signals_blocked,
+                            worker_ignores_stop_signals)
 from cmunet.tracking.mlflow_run import Tracker
 from cmunet.training import checkpoint as ckpt
 from cmunet.training.distributed import (DistInfo, barrier, decided_by_main, init_distributed,
@@ -52,8 +57,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
     checkpoint of a SIGTERM / SIGINT."""
     check_out(cfg.out, {"data.shards": cfg.data.shards,
                         **{f"data.extra_shards[{i}]": f for i, f in enumerate(cfg.data.extra_shards)}})
+    for folder in [Path(cfg.out) / "export", *sorted(Path(cfg.out).glob("exports/*"))]:
+        check_only(folder, EXPORT_FILES, "the export")  # replaced when it is written
     stop = StopRequest()
-    info = init_distributed(cfg.train.collective_timeout_s)
+    stop.watch_launchers()  # a launcher that dies without passing its signal on is one too
+    info = init_distributed(cfg.train.collective_timeout_s, lambda: stop.signum)
     try:
         export = _Run(cfg, info, stop).train()
     except Preempted:
@@ -96,6 +104,7 @@ class _Run:
         self.log = LOG.info if info.is_main else (lambda *a, **k: None)
         self.warn = LOG.warning if info.is_main else (lambda *a, **k: None)  # said once
         torch.manual_seed(cfg.seed)
+        location.configure(cfg.data.remote)  # the stream carries it into its workers
         self.manifest = load_manifest(cfg.data.shards)
         splits = load_splits(location.join(cfg.data.shards, "splits.json"))
         refuse_test_overlap(cfg.data.shards, cfg.data.extra_shards)
@@ -182,8 +191,12 @@ class _Run:
         # the last epoch without stopping, so workers and shuffle buffers live across epochs
         self.stream.epoch = state["epoch"]
         self.stream.skip_batches = state["step_in_epoch"] * t.grad_accum
-        batches = iter(make_loader(self.stream, cfg.data.num_workers,
-                                   pin_memory=self.info.device.type == "cuda"))
+        # the workers ignore SIGTERM / SIGINT (a signal to the process group reaches them too):
+        # this rank stops at an agreed step and ends them; held back until they ignore it
+        with stop_signals_blocked():
+            batches = iter(make_loader(self.stream, cfg.data.num_workers,
+                                       pin_memory=self.info.device.type == "cuda",
+                                       worker_init_fn=worker_ignores_stop_signals))
         bar = tqdm(total=self.total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
                    disable=bar_disable(self.info.is_main))  # rank 0, in a terminal
         self.window = _Window()
@@ -225,7 +238,8 @@ class _Run:
             ckpt.save_checkpoint(self.engine, self.ckpt_dir, dict(state), self.fingerprint,
                                  t.keep_checkpoints, self.info.is_main)
         # ranks agree on a stop request through a small all-reduce: at log points and
-        # checkpoints only (SLURM's grace time is minutes), so the step itself never syncs
+        # checkpoints only, so the step itself never syncs (a launcher that was signalled
+        # kills its ranks 30 s later: log_every steps and a checkpoint must fit in that)
         asked = saved or state["step"] % t.log_every == 0 or self.info.world_size == 1
         signum = self.stop.agreed(self.info.device) if asked else 0
         if signum and not last:
