@@ -17,7 +17,8 @@ from conftest import ROOT
 
 def tiny_config(method: str = "cmunet", *overrides: str) -> PretrainConfig:
     return load_config(PretrainConfig, ROOT / "configs/pretrain/cmunet-cpu.yaml", [
-        f"method={method}", "view_size=32", "model.width=4", "cmunet.mlp_hidden=16",
+        f"method={method}", f"model.sync_batch_norm={str(method.startswith('cmunet')).lower()}",
+        "view_size=32", "model.width=4", "cmunet.mlp_hidden=16",
         "cmunet.mlp_out=8", "cmunet.patch=8", "train.micro_batch=2", "train.precision=bf16",
         *overrides])
 
@@ -161,10 +162,10 @@ def test_heads_use_global_batch_norm_and_the_encoder_can():
         return {type(m) for m in getattr(method, part).modules()
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
 
-    method = build_method(tiny_config())
+    method = build_method(tiny_config("cmunet", "model.sync_batch_norm=false"))
     assert norms(method, "projector") == norms(method, "momentum_projector") == {GlobalBatchNorm}
     assert norms(method, "encoder") == {torch.nn.BatchNorm2d}
-    synced = build_method(tiny_config("cmunet", "model.sync_batch_norm=true"))
+    synced = build_method(tiny_config())  # the cmunet configs' default
     assert norms(synced, "encoder") == norms(synced, "momentum_encoder") == {GlobalBatchNorm}
     assert not any(p.requires_grad for p in synced.momentum_encoder.parameters())
     synced.load_state_dict(method.state_dict())  # same keys: checkpoints load either way
