@@ -26,8 +26,8 @@ METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
 class ModelConfig:
     width: int = 64  # w: UNet widths w, 2w, 4w, 8w, 16w; 64 = the paper's 31.04 M UNet
     # batch norm of the UNets over the global batch, not each rank's micro-batch (slower: two
-    # all-reduces per layer); the contrastive heads' batch norm is always global; on in the
-    # cmunet and cmunet-con configs (+0.07-0.08 retrieval, results.md)
+    # all-reduces per layer); the contrastive heads' batch norm is always global; on in the GPU
+    # cmunet and cmunet-con configs and the contrastive study (+0.07-0.08 retrieval, results.md)
     sync_batch_norm: bool = False
 
     def __post_init__(self):
