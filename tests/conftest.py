@@ -11,6 +11,10 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+# a pre-training small enough for 2 CPU ranks in seconds: launch/pretrain.py's first arguments
+TINY_PRETRAIN = ["--config", str(ROOT / "configs/pretrain/cmunet-cpu.yaml"), "view_size=64",
+                 "model.width=8", "cmunet.mlp_hidden=64", "cmunet.mlp_out=32",
+                 "data.num_workers=1", "train.micro_batch=4"]
 XCA = ROOT.parent / "shared" / "data" / "xca-cadml"
 
 

@@ -17,16 +17,14 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_tool
+from conftest import TINY_PRETRAIN as TINY_MODEL
 from cmunet.data import location
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.stream import InMemorySet, ShardStream, load_manifest
 
 BUCKET = "cmunet-test"
-TINY_PRETRAIN = ["--config", str(ROOT / "configs/pretrain/cmunet-cpu.yaml"), "view_size=64",
-                 "model.width=8", "cmunet.mlp_hidden=64", "cmunet.mlp_out=32",
-                 "data.num_workers=1", "train.micro_batch=4", "train.epochs=1",
-                 "train.steps_per_epoch=2", "train.log_every=1", "train.figure_every=100",
-                 "data.ratio=50-30"]
+TINY_PRETRAIN = [*TINY_MODEL, "train.epochs=1", "train.steps_per_epoch=2", "train.log_every=1",
+                 "train.figure_every=100", "data.ratio=50-30"]
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, TINY_PRETRAIN
 from cmunet.training.distributed import free_port
 from cmunet.training.rendezvous import loopback_interface
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-TINY = ["--config", str(ROOT / "configs/pretrain/cmunet-cpu.yaml"), "view_size=64",
-        "model.width=8", "cmunet.mlp_hidden=64", "cmunet.mlp_out=32", "data.num_workers=1",
-        "train.micro_batch=4", "train.epochs=1", "train.steps_per_epoch=2",
+TINY = [*TINY_PRETRAIN, "train.epochs=1", "train.steps_per_epoch=2",
         "train.checkpoint_every=1", "train.log_every=1", "train.figure_every=100",
         "data.ratio=50-30"]
 # one thread per rank, gloo on the loopback interface (torchrun leaves the store to its agent, so

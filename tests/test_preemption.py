@@ -28,15 +28,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TINY_PRETRAIN
 from cmunet.training.distributed import free_port
 from cmunet.training.rendezvous import loopback_interface
 
 BIN = Path(sys.executable).parent
 STEPS = 16  # 2 epochs of 8 steps
-TINY = ["--config", str(ROOT / "configs/pretrain/cmunet-cpu.yaml"), "view_size=64",
-        "model.width=8", "cmunet.mlp_hidden=64", "cmunet.mlp_out=32", "data.num_workers=1",
-        "train.micro_batch=4", "train.epochs=2", "train.steps_per_epoch=8",
+TINY = [*TINY_PRETRAIN, "train.epochs=2", "train.steps_per_epoch=8",
         "train.checkpoint_every=1000", "train.log_every=1", "train.figure_every=100",
         "data.ratio=50-30"]
 ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": loopback_interface() or "lo"}

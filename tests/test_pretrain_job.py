@@ -14,13 +14,11 @@ import pytest
 from safetensors.torch import load_file
 
 from cmunet.training.distributed import free_port
-from conftest import ROOT
+from conftest import ROOT, TINY_PRETRAIN
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-TINY = ["--config", str(ROOT / "configs/pretrain/cmunet-cpu.yaml"), "view_size=64",
-        "model.width=8", "cmunet.mlp_hidden=64", "cmunet.mlp_out=32", "data.num_workers=1",
-        "train.micro_batch=4", "train.log_every=1", "train.figure_every=1"]
+TINY = [*TINY_PRETRAIN, "train.log_every=1", "train.figure_every=1"]
 
 
 def run(cmd, cwd, **env):
