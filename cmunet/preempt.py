@@ -12,11 +12,11 @@
   thread notices that a launcher between this rank and the first process that is not a launcher
   (``deepspeed``, ``deepspeed.launcher.launch``, ``torchrun``) has gone, by its child having
   been re-parented.
-* :func:`worker_leaves_the_group` (a DataLoader ``worker_init_fn``) and
-  :func:`stop_signals_blocked` (around starting the workers): loader workers move to their own
-  process group and die with their rank (``PR_SET_PDEATHSIG``), so a signal to the whole process
-  group (Ctrl-C, a scheduler signalling every process) leaves the decision to the rank instead
-  of killing its workers first.
+* :func:`worker_ignores_stop_signals` (a DataLoader ``worker_init_fn``) and
+  :func:`stop_signals_blocked` (around starting the workers): loader workers ignore SIGTERM and
+  SIGINT and die with their rank (``PR_SET_PDEATHSIG``), so a signal to the whole process group
+  (Ctrl-C, a scheduler signalling every process) leaves the decision to the rank instead of
+  killing its workers first.
 """
 
 from __future__ import annotations
@@ -108,18 +108,12 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-def worker_leaves_the_group(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: the worker moves to a process group of its own, so that a
-    signal to the job's group (Ctrl-C, a scheduler signalling every process) reaches the rank
-    only, which decides when to stop and then ends its workers; it still ends on a SIGTERM sent
-    to it (the loader's and multiprocessing's shutdown), and gets SIGKILL when its rank dies.
-    A worker that ignored SIGTERM instead could hang its rank's exit for ever: multiprocessing
-    terminates and then joins its daemon children."""
+def worker_ignores_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: SIGTERM and SIGINT are ignored (the rank decides when to
+    stop and then ends its workers), and the worker gets SIGKILL when its rank dies."""
     parent = os.getppid()
-    for signum in STOP_SIGNALS:  # SIG_IGN drops a signal held back since the fork
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    os.setpgid(0, 0)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # SIGINT stays ignored: the rank handles it
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # see stop_signals_blocked
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the rank died before the line above
@@ -129,8 +123,8 @@ def worker_leaves_the_group(worker_id: int = 0) -> None:
 @contextmanager
 def stop_signals_blocked() -> Iterator[None]:
     """SIGTERM and SIGINT held back in this thread while it starts processes (DataLoader
-    workers, forked: they inherit the mask until :func:`worker_leaves_the_group` has moved them
-    out of the group), so a signal to the process group cannot kill a worker before that. Signals
+    workers, forked: they inherit the mask until :func:`worker_ignores_stop_signals` ignores
+    them), so a signal to the process group cannot kill a worker before it ignores it. Signals
     that arrive meanwhile reach this process's handlers once the block ends."""
     if not hasattr(signal, "pthread_sigmask"):
         yield

@@ -295,7 +295,7 @@ LOADER = """
 import os, signal, sys, time
 import torch
 from torch.utils.data import DataLoader, IterableDataset
-from cmunet.preempt import stop_signals_blocked, worker_leaves_the_group
+from cmunet.preempt import stop_signals_blocked, worker_ignores_stop_signals
 
 class Count(IterableDataset):
     def __iter__(self):
@@ -308,7 +308,7 @@ stops = []
 signal.signal(signal.SIGTERM, lambda s, f: stops.append(s))
 with stop_signals_blocked():
     batches = iter(DataLoader(Count(), batch_size=None, num_workers=1,
-                              worker_init_fn=worker_leaves_the_group))
+                              worker_init_fn=worker_ignores_stop_signals))
     os.kill(os.getpid(), signal.SIGTERM)  # held back until the block ends
 first = next(batches)
 worker = batches._workers[0].pid
@@ -317,8 +317,7 @@ time.sleep(0.5)
 status = dict(line.split(":\t") for line in open(f"/proc/{worker}/status").read().splitlines()
               if ":\t" in line)
 masks = [int(status[k], 16) >> (signal.SIGTERM - 1) & 1 for k in ("SigIgn", "SigBlk")]
-own_group = os.getpgid(worker) == worker != os.getpgid(0)
-print(int(first), int(next(batches)) > 1, worker, len(stops), own_group, *masks, flush=True)
+print(int(first), int(next(batches)) > 1, worker, len(stops), *masks, flush=True)
 time.sleep(60)  # killed by the test
 """
 
@@ -327,12 +326,10 @@ def test_loader_workers_ignore_stop_signals_and_die_with_their_rank(tmp_path):
     rank = subprocess.Popen([sys.executable, "-c", LOADER], stdout=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, **ENV})
     try:
-        first, more, worker, stops, own_group, ignored, blocked = rank.stdout.readline().split()
-        # the worker survived the group's SIGTERM and still loads; the rank got both of its
-        # signals; the worker is in a group of its own and neither ignores nor holds back
-        # SIGTERM, so the loader's shutdown (and multiprocessing's at exit) can end it
-        assert (first, more, stops, own_group, ignored, blocked) == ("1", "True", "2", "True",
-                                                                     "0", "0")
+        first, more, worker, stops, ignored, blocked = rank.stdout.readline().split()
+        # the worker survived the SIGTERM and still loads; the rank got both of its signals;
+        # the worker ignores SIGTERM (no longer only holds it back: it exits when told to)
+        assert (first, more, stops, ignored, blocked) == ("1", "True", "2", "1", "0")
         worker = psutil.Process(int(worker))
         assert worker.ppid() == rank.pid
         rank.kill()  # the rank dies at once (SIGKILL): so does its worker (PR_SET_PDEATHSIG)

@@ -12,8 +12,8 @@ SIGTERM or SIGINT (preemption, ``scancel``, Ctrl-C) stops the job after the curr
 step: every rank writes the checkpoint of that step, rank 0 writes ``OUT/preempted.json``, and
 :class:`~cmunet.preempt.Preempted` is raised (``launch/pretrain.py`` exits with 75). On resume,
 ``log.csv`` and the MLflow run continue from the resumed step: nothing is logged twice.
-The signal may reach one rank, every process of the group (DataLoader workers are in groups of
-their own and die with their rank) or only a launcher: a launcher above the rank that goes away (the
+The signal may reach one rank, every process of the group (DataLoader workers ignore it and
+die with their rank) or only a launcher: a launcher above the rank that goes away (the
 ``deepspeed`` runner exits on SIGTERM without passing it on) counts as a SIGTERM
 (:meth:`~cmunet.preempt.StopRequest.watch_launchers`); see docs/multinode.md.
 """
@@ -39,7 +39,7 @@ from cmunet.models.export import FILES as EXPORT_FILES, save_export
 from cmunet.models.unet import count_parameters
 from cmunet.outdir import check_only, check_out
 from cmunet.preempt import (Preempted, StopRequest, stop_signals_blocked,
-                            worker_leaves_the_group)
+                            worker_ignores_stop_signals)
 from cmunet.tracking.mlflow_run import Tracker
 from cmunet.training import checkpoint as ckpt
 from cmunet.training.distributed import (DistInfo, barrier, decided_by_main, init_distributed,
@@ -191,12 +191,12 @@ class _Run:
         # the last epoch without stopping, so workers and shuffle buffers live across epochs
         self.stream.epoch = state["epoch"]
         self.stream.skip_batches = state["step_in_epoch"] * t.grad_accum
-        # the workers leave the process group (a signal to the group reaches this rank only):
-        # this rank stops at an agreed step and ends them; held back until they have left
+        # the workers ignore SIGTERM / SIGINT (a signal to the process group reaches them too):
+        # this rank stops at an agreed step and ends them; held back until they ignore it
         with stop_signals_blocked():
             batches = iter(make_loader(self.stream, cfg.data.num_workers,
                                        pin_memory=self.info.device.type == "cuda",
-                                       worker_init_fn=worker_leaves_the_group))
+                                       worker_init_fn=worker_ignores_stop_signals))
         bar = tqdm(total=self.total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
                    disable=bar_disable(self.info.is_main))  # rank 0, in a terminal
         self.window = _Window()
