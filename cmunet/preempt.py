@@ -14,21 +14,25 @@
   been re-parented.
 * :func:`worker_ignores_stop_signals` (a DataLoader ``worker_init_fn``) and
   :func:`stop_signals_blocked` (around starting the workers): loader workers ignore SIGTERM and
-  SIGINT and die with their rank (``PR_SET_PDEATHSIG``), so a signal to the whole process group
+  SIGINT while their rank runs (:func:`loader_worker_init`: SIGTERM ends them once the rank
+  exits) and die with their rank (``PR_SET_PDEATHSIG``), so a signal to the whole process group
   (Ctrl-C, a scheduler signalling every process) leaves the decision to the rank instead of
   killing its workers first.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import functools
+import multiprocessing
 import os
 import signal
 import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -108,12 +112,29 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-def worker_ignores_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: SIGTERM and SIGINT are ignored (the rank decides when to
-    stop and then ends its workers), and the worker gets SIGKILL when its rank dies."""
+def loader_worker_init() -> Callable[[int], None]:
+    """A DataLoader ``worker_init_fn`` for this rank's loader (see
+    :func:`worker_ignores_stop_signals`); the rank's exit (atexit) lets its workers end."""
+    exiting = multiprocessing.Event()
+    atexit.register(exiting.set)  # runs before multiprocessing's exit handler ends the workers
+    return functools.partial(worker_ignores_stop_signals, exiting=exiting)
+
+
+def worker_ignores_stop_signals(worker_id: int = 0, exiting=None) -> None:
+    """DataLoader ``worker_init_fn``: SIGTERM and SIGINT are ignored while the rank runs (the
+    rank decides when to stop and then ends its workers), and the worker gets SIGKILL when its
+    rank dies. Once ``exiting`` (an Event its rank sets at exit) is set, SIGTERM ends the worker:
+    multiprocessing terminates and then joins its daemon children at exit, and a worker that
+    ignored SIGTERM for good would hang its rank's exit."""
     parent = os.getppid()
-    for signum in STOP_SIGNALS:
+    for signum in STOP_SIGNALS:  # SIG_IGN also drops a signal held back since the fork
         signal.signal(signum, signal.SIG_IGN)
+    if exiting is not None:
+        def on_sigterm(signum, frame):
+            if exiting.is_set():
+                os._exit(0)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # see stop_signals_blocked
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the rank died before the line above

@@ -38,8 +38,7 @@ from cmunet.methods import build_method
 from cmunet.models.export import FILES as EXPORT_FILES, save_export
 from cmunet.models.unet import count_parameters
 from cmunet.outdir import check_only, check_out
-from cmunet.preempt import (Preempted, StopRequest, stop_signals_blocked,
-                            worker_ignores_stop_signals)
+from cmunet.preempt import Preempted, StopRequest, loader_worker_init, stop_signals_blocked
 from cmunet.tracking.mlflow_run import Tracker
 from cmunet.training import checkpoint as ckpt
 from cmunet.training.distributed import (DistInfo, barrier, decided_by_main, init_distributed,
@@ -196,7 +195,7 @@ class _Run:
         with stop_signals_blocked():
             batches = iter(make_loader(self.stream, cfg.data.num_workers,
                                        pin_memory=self.info.device.type == "cuda",
-                                       worker_init_fn=worker_ignores_stop_signals))
+                                       worker_init_fn=loader_worker_init()))
         bar = tqdm(total=self.total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
                    disable=bar_disable(self.info.is_main))  # rank 0, in a terminal
         self.window = _Window()
