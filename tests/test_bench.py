@@ -64,3 +64,14 @@ def test_table_has_a_row_per_figure(tiny_inference):
 def test_number_has_three_significant_digits():
     assert [run_all.number(v) for v in (1234.4, 36.0, 2.0, 0.1, 0.000155)] == [
         "1234", "36.0", "2.00", "0.100", "0.000155"]
+
+
+@pytest.mark.slow
+def test_scale_bench_prints_its_table_at_a_tiny_size(capsys):
+    """bench/scale.py end to end at 2000 samples (both formats, each rank in its own process)."""
+    import scale
+
+    result = scale.main(["--sizes", "2000", "--before", "2000"])
+    assert [what for _, what, _, _ in result["rows"]][0] == "index.npz (this version)"
+    assert len(result["rows"]) == 3 and all(m["load_s"] > 0 for *_, m in result["rows"])
+    assert "| 2e+03 | index.npz (this version) |" in capsys.readouterr().out

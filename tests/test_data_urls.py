@@ -107,7 +107,7 @@ def test_shard_out_s3_uploads_the_set_and_refuses_to_overwrite(s3, s3_shards, ti
         body = client.get_object(Bucket=BUCKET, Key=f"tiny/{name}")["Body"].read()
         if name == "manifest.json":
             remote, local = json.loads(body), json.loads((tiny_shards / name).read_text())
-            assert remote["samples"] == local["samples"] and remote["mean"] == local["mean"]
+            assert remote["index"] == local["index"] and remote["mean"] == local["mean"]
         else:
             assert body == (tiny_shards / name).read_bytes(), name
     config = client.get_object(Bucket=BUCKET, Key="tiny/config.yaml")["Body"].read().decode()

@@ -13,7 +13,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cmunet.data.io import read_frames
-from cmunet.data.stream import decode_png
+from cmunet.data.stream import decode_png, load_manifest
 from conftest import load_tool
 
 SECRETS = {"PatientName": "Zebedee^Quarrington", "PatientID": "MRN-88412-QX",
@@ -86,7 +86,7 @@ def test_nothing_identifying_reaches_shards_manifest_or_logs(tmp_path):
                                         "St Elsewhere"]
     for secret in secrets:
         assert not any(secret.encode() in blob for blob in blobs), secret
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = load_manifest(out)
     groups = {s["patient"] for s in manifest["samples"]}
     assert len(groups) == 1 and len(next(iter(groups))) == 12  # one salted pseudonym
     assert manifest["samples"][0]["spacing"] == [0.2, 0.25]

@@ -103,7 +103,8 @@ def test_overwrite_still_replaces_a_set_the_tool_wrote(prev, tiny_folder, capsys
     manifest = json.loads((prev / "manifest.json").read_text())
     assert [s["name"] for s in manifest["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
     assert sorted(p.name for p in prev.iterdir()) == [
-        "config.yaml", "manifest.json", "shard-000000.tar", "shard-000001.tar", "splits.json"]
+        "config.yaml", "index.npz", "manifest.json", "shard-000000.tar", "shard-000001.tar",
+        "splits.json"]
     assert sorted(p.name for p in prev.parent.iterdir()) == ["prev"]
 
 

@@ -181,7 +181,7 @@ def test_a_missing_s3_object_is_one_line_naming_it(fast, s3, tiny_shards):
     import boto3
 
     client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"])
-    for name in ("manifest.json", "splits.json"):
+    for name in ("manifest.json", "index.npz", "splits.json"):
         client.put_object(Bucket=BUCKET, Key=f"holes/{name}",
                           Body=(tiny_shards / name).read_bytes())
     url = f"s3://{BUCKET}/holes"

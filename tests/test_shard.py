@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cmunet.data.splits import load_splits
+from cmunet.data.stream import load_manifest
 from conftest import XCA, load_tool, write_tiny_images
 
 shard = load_tool("shard")
@@ -26,7 +28,7 @@ def run(folder, out, *extra, masks=True, meta=True):
 
 
 def test_manifest_and_patient_splits(tiny_shards):
-    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    manifest = load_manifest(tiny_shards)
     assert manifest["count"] == 24 and manifest["labelled"] == 24 and manifest["patients"] == 8
     assert manifest["size"] == 64 and manifest["dtype"] == "uint8"
     assert 0 < manifest["std"] and 0 < manifest["mean"] < 255
@@ -37,7 +39,7 @@ def test_manifest_and_patient_splits(tiny_shards):
         assert sorted(tar.getnames()) == sorted(
             f"{s['key']}.{ext}" for s in manifest["samples"][:2]
             for ext in ("image.png", "mask.png", "sample.json"))
-    splits = json.loads((tiny_shards / "splits.json").read_text())
+    splits = load_splits(tiny_shards / "splits.json")
     patient = {s["key"]: s["patient"] for s in manifest["samples"]}
     test = set(splits["test"]["patients"])
     assert 0 < len(splits["test"]["keys"]) < 24
@@ -51,8 +53,8 @@ def test_manifest_and_patient_splits(tiny_shards):
 
 
 def test_statistics_exclude_the_test_split(tiny_shards):
-    manifest = json.loads((tiny_shards / "manifest.json").read_text())
-    test = set(json.loads((tiny_shards / "splits.json").read_text())["test"]["keys"])
+    manifest = load_manifest(tiny_shards)
+    test = set(load_splits(tiny_shards / "splits.json")["test"]["keys"])
     train = [s for s in manifest["samples"] if s["key"] not in test]
     assert manifest["mean"] == pytest.approx(np.mean([s["mean"] for s in train]))
 
@@ -66,7 +68,7 @@ def test_same_input_gives_identical_shards(tiny_folder, tiny_shards, tmp_path):
 def test_official_test_list_is_kept(tiny_folder, tmp_path):
     (tmp_path / "test.txt").write_text("img000.png\nimg004.png\n")
     assert run(tiny_folder, tmp_path / "out", "--test-list", str(tmp_path / "test.txt")) == 0
-    splits = json.loads((tmp_path / "out" / "splits.json").read_text())
+    splits = load_splits(tmp_path / "out" / "splits.json")
     assert splits["test"]["keys"] == ["img000", "img004"]
     # the other frames of those patients (p00, p01) join no pool
     assert set(splits["excluded"]["keys"]) == {"img001", "img002", "img003", "img005"}
@@ -83,7 +85,7 @@ def test_sixteen_bit_images_stay_sixteen_bit(tmp_path):
         pixels = rng.integers(2000, 60000, (64, 64)).astype(np.uint16)
         Image.fromarray(pixels).save(folder / "images" / f"a{i}.png")
     assert run(folder, tmp_path / "out", masks=False, meta=False) == 0
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = load_manifest(tmp_path / "out")
     assert manifest["dtype"] == "uint16" and manifest["mean"] > 255
 
 
@@ -151,7 +153,7 @@ def test_skip_bad_counts_and_lists(case, tmp_path, capsys):
     bad, problem = _corrupt(folder, case)
     assert run(folder, tmp_path / "out", "--skip-bad") == 0
     printed = capsys.readouterr().out
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = load_manifest(tmp_path / "out")
     assert str(bad) in printed and problem in printed
     if "mask" in case:  # a bad mask leaves its image usable for pre-training
         assert manifest["count"] == 8 and manifest["labelled"] == 7
@@ -199,7 +201,7 @@ def test_mask_without_an_image_is_named_or_skipped(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "orphan.png: mask without an image" in err
     assert run(folder, tmp_path / "out", "--skip-bad", meta=False) == 0
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = load_manifest(tmp_path / "out")
     assert manifest["orphan_masks"] == [str(folder / "masks" / "orphan.png")]
     assert "orphan.png" in capsys.readouterr().out
 
@@ -211,7 +213,7 @@ def test_one_sixteen_bit_file_is_named_and_skippable(tmp_path, capsys):
     assert run(folder, tmp_path / "out") == 2
     assert f"{odd}: is stored as uint16" in capsys.readouterr().err
     assert run(folder, tmp_path / "out", "--skip-bad") == 0
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = load_manifest(tmp_path / "out")
     assert manifest["count"] == 3 and [s["file"] for s in manifest["skipped"]] == [str(odd)]
 
 
@@ -246,7 +248,7 @@ def test_sigterm_and_sigkill_leave_no_temporary_folder(tmp_path):
 def test_images_without_patient_are_counted_or_refused(tmp_path, capsys):
     folder = write_tiny_images(tmp_path / "in", count=6)
     assert run(folder, tmp_path / "out", meta=False) == 0
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = load_manifest(tmp_path / "out")
     assert manifest["patient_unknown"] == 6 and manifest["patients"] == 6  # one per image
     assert "warning: 6 of 6 images have no patient information" in capsys.readouterr().err
     assert run(folder, tmp_path / "strict", "--require-patient", meta=False) == 2
@@ -254,7 +256,7 @@ def test_images_without_patient_are_counted_or_refused(tmp_path, capsys):
     assert "error:" in err and "6 of 6 images have no patient" in err and "img000" in err
     assert not (tmp_path / "strict").exists()
     assert run(folder, tmp_path / "meta", "--require-patient") == 0  # the metadata names them
-    manifest = json.loads((tmp_path / "meta" / "manifest.json").read_text())
+    manifest = load_manifest(tmp_path / "meta")
     assert manifest["patient_unknown"] == 0 and "warning" not in capsys.readouterr().err
 
 
@@ -273,7 +275,7 @@ def test_xca_cadml_with_its_patient_groups(tmp_path, capsys):
                   "--meta", str(XCA / "metadata.json"), "--out", str(out), "--size", "128",
                   "--skip-bad"])
     assert code == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = load_manifest(out)
     assert manifest["count"] == 344 and manifest["patients"] == 26
     assert manifest["labelled"] == 341  # three masks are empty: kept for pre-training only
     groups = {m["case"]: m["patient_group"] for m in json.loads((XCA / "metadata.json").read_text())}
@@ -295,10 +297,10 @@ def test_synth_then_shard_command_lines(tmp_path):
     subprocess.run([sys.executable, "tools/shard.py", "--images", str(syn / "images"),
                     "--masks", str(syn / "masks"), "--meta", str(syn / "meta.csv"),
                     "--out", str(out)], cwd=ROOT, check=True)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = load_manifest(out)
     assert manifest["count"] == 60 and manifest["size"] == 256  # default: the native size
     assert {"mean", "std"} <= set(manifest) and list(out.glob("*.tar"))
-    splits = json.loads((out / "splits.json").read_text())
+    splits = load_splits(out / "splits.json")
     test = set(splits["test"]["patients"])
     for pools in splits["ratios"].values():
         assert not set(pools["pretrain"]["patients"]) & set(pools["finetune"]["patients"])

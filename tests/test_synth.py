@@ -134,6 +134,28 @@ def test_generate_refuses_a_non_empty_folder(tmp_path):
     assert len(list((tmp_path / "images").iterdir())) == 2
 
 
+def test_overwrite_keeps_a_file_of_the_users_inside_images_or_masks(tmp_path):
+    synth.generate(tmp_path, count=2, size=32, seed=0)
+    for sub in ("images", "masks"):
+        own = tmp_path / sub / "my-angiogram.png"
+        own.write_bytes(b"precious")
+        before = sorted(p.name for p in (tmp_path / sub).iterdir())
+        with pytest.raises(ValueError, match="my-angiogram.png was not written by this tool"):
+            synth.generate(tmp_path, count=3, size=32, seed=1, overwrite=True)
+        assert sorted(p.name for p in (tmp_path / sub).iterdir()) == before  # nothing deleted
+        assert own.read_bytes() == b"precious"
+        own.unlink()
+    synth.generate(tmp_path, count=3, size=32, seed=1, overwrite=True)  # its own files only
+    assert len(list((tmp_path / "images").iterdir())) == 3
+    (tmp_path / "meta.csv").unlink()  # a folder of images that no meta.csv lists: refused
+    with pytest.raises(ValueError, match="syn0000.png was not written by this tool"):
+        synth.generate(tmp_path, count=2, size=32, seed=0, overwrite=True)
+    refused = _cli("--out", str(tmp_path), "--count", "2", "--size", "32", "--overwrite")
+    last = refused.stderr.strip().splitlines()[-1]  # argparse's usage, then one error line
+    assert refused.returncode == 2 and "syn0000.png was not written" in last, refused.stderr
+    assert len(list((tmp_path / "images").iterdir())) == 3
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "tools/synth.py", *args], cwd=REPO, capture_output=True, text=True

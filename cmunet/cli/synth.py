@@ -6,6 +6,8 @@ without data of one's own.
 
 Writes SYN/images/synNNNN.png, SYN/masks/synNNNN.png and SYN/meta.csv; shard it with
 cmunet-shard --images SYN/images --masks SYN/masks --meta SYN/meta.csv --out SHARDS.
+With --cine N --frames F instead of --count: N multi-frame XA DICOM cine loops whose contrast
+arrives, peaks and washes out (SYN/images/cineNNNN.dcm, SYN/meta.csv, SYN/cine.csv: the truth).
 See docs/synthetic-data.md.
 """
 

@@ -152,6 +152,20 @@ def to_storage_dtype(pixels: np.ndarray) -> np.ndarray:
     return np.round((values - lo) / (hi - lo) * 65535).astype(np.uint16)
 
 
+def frame_count(path: str | Path) -> int:
+    """How many frames ``path`` holds, from a DICOM header alone (1 for other files and for a
+    header that cannot be read: :func:`read_frames` reports those)."""
+    if Path(path).suffix.lower() not in DICOM_SUFFIXES:
+        return 1
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        return max(1, int(getattr(header, "NumberOfFrames", 1) or 1))
+    except Exception:  # an unreadable file counts once; reading it names the problem
+        return 1
+
+
 def _read_dicom(path: Path) -> list[Frame]:
     import pydicom
     from pydicom.errors import InvalidDicomError

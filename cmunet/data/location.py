@@ -95,6 +95,16 @@ def join(location: str | Path, name: str) -> str:
     return str(Path(text) / name)
 
 
+def folder_of(url: str | Path, name: str) -> str:
+    """The set whose file ``name`` is at ``url``: the inverse of :func:`join`."""
+    text = str(url)
+    if text.startswith(PIPE):
+        return text.replace(shlex.quote(name), "{name}")
+    if is_url(text):
+        return text.rpartition("/")[0]
+    return str(Path(text).parent)
+
+
 def read_bytes(location: str | Path, name: str) -> bytes:
     """File ``name`` of the set at ``location``; FileNotFoundError when it is not there."""
     return read_file(join(location, name))

@@ -3,8 +3,8 @@
 Extra pre-training folders (``data.extra_shards``, a study's ``data.pretrain_shards``) come from
 elsewhere: an archive, synthetic angiograms, another export of the same hospital's images. If one
 holds an image of the labelled folder's test split, pre-training has seen the test set. Every
-manifest records each sample's source-file SHA-256 (``tools/shard.py``), so such samples are found
-by hash and the job stops before it starts. A copy re-encoded to another file format (or a
+set's index records each sample's source-file SHA-256 (``tools/shard.py``), so such samples are
+found by hash and the job stops before it starts. A copy re-encoded to another file format (or a
 different frame selection of a DICOM run) has another hash and is not caught: shard archives
 from the original files.
 """
@@ -14,24 +14,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from cmunet.data import location
-from cmunet.data.splits import load_splits, pool_keys
-from cmunet.data.stream import load_manifest
+from cmunet.data.index import SampleIndex
+from cmunet.data.splits import load_splits, pool_ids
 
 
 def split_test_hashes(shards: str | Path) -> dict[str, str]:
     """``{source SHA-256: test key}`` of the test split of ``shards``."""
-    test = set(pool_keys(load_splits(location.join(shards, "splits.json")), "test"))
-    return {s["sha256"]: s["key"] for s in load_manifest(shards)["samples"]
-            if s["key"] in test and s.get("sha256")}
+    splits = load_splits(location.join(shards, "splits.json"))
+    ids = pool_ids(splits, "test")
+    hashes = splits.index["sha256"][ids]
+    return {bytes(h).hex(): key for h, key in zip(hashes, splits.index.keys_of(ids)) if h.any()}
 
 
 def find_test_images(shards: str | Path, folder: str | Path) -> list[tuple[str, str]]:
     """``(key in folder, test key of shards)`` for every sample of ``folder`` whose source hash
     is that of a test sample of ``shards``."""
     test = split_test_hashes(shards)
-    return [(s["key"], test[s["sha256"]]) for s in load_manifest(folder)["samples"]
-            if s.get("sha256") in test]
+    index = SampleIndex.open(folder)
+    wanted = np.array([bytes.fromhex(h) for h in test], dtype="S32")
+    hashes = np.ascontiguousarray(index["sha256"]).view("S32").reshape(-1)
+    ids = np.flatnonzero(np.isin(hashes, wanted)) if len(wanted) else np.zeros(0, np.int64)
+    return [(key, test[bytes(index["sha256"][i]).hex()])
+            for i, key in zip(ids.tolist(), index.keys_of(ids))]
 
 
 def refuse_test_overlap(shards: str | Path, folders: Sequence[str | Path]) -> None:

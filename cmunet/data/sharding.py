@@ -1,8 +1,11 @@
 """Build WebDataset shards, a manifest and patient-grouped splits from folders of angiograms.
 
-The output folder holds ``shard-NNNNNN.tar`` files, ``manifest.json``, ``splits.json`` and
-``config.yaml``. Each sample is ``<key>.image.png`` (lossless, uint8 or uint16), optionally
-``<key>.mask.png`` (uint8, 0/255) and ``<key>.sample.json`` (patient group, pixel spacing).
+The output folder holds ``shard-NNNNNN.tar`` files, ``index.npz`` (every sample's key, patient,
+spacing, source hash and statistics: :mod:`cmunet.data.index`), ``manifest.json`` (counts,
+statistics, the shards and their SHA-256, no per-sample entries), ``splits.json`` (patient
+lists: :mod:`cmunet.data.splits`) and ``config.yaml``. Each sample is ``<key>.image.png``
+(lossless, uint8 or uint16), optionally ``<key>.mask.png`` (uint8, 0/255) and
+``<key>.sample.json`` (patient group, pixel spacing).
 Everything is written to a temporary folder beside the output and renamed at the end, so a failed
 or terminated (SIGTERM) run leaves nothing behind; a later run removes the temporary folders of
 killed runs (SIGKILL). ``overwrite`` replaces only an empty folder or an earlier output of this
@@ -34,20 +37,24 @@ import numpy as np
 import cmunet
 from cmunet.config import check, save_config, to_dict
 from cmunet.data import location
-from cmunet.data.io import IMAGE_SUFFIXES, BadInput, find_images, read_frames, read_mask
+from cmunet.data.cine import choose_frames
+from cmunet.data.index import FORMAT, INDEX, OLD_FORMAT, SampleIndex, file_sha256
+from cmunet.data.io import (IMAGE_SUFFIXES, BadInput, find_images, frame_count, read_frames,
+                            read_mask)
 from cmunet.data.meta import ImageMeta, load_meta, sample_key
 from cmunet.data.png import encode_png
 from cmunet.data.preprocess import PreprocessConfig, preprocess_image, preprocess_mask
-from cmunet.data.splits import PAPER_RATIOS, SampleInfo, make_splits, save_splits
+from cmunet.data.splits import PAPER_RATIOS, SampleInfo, make_splits, pool_ids, save_splits
 from cmunet.log import logger
 from cmunet.outdir import (OutputError, check_out, foreign_name, names_in, not_replaceable,
                            remove_stale, temp_sibling)
 from cmunet.preempt import default_sigterm, sigterm_exits
 
 LOG = logger(__name__)
-FORMAT = "cmunet-shards/1"
-SET_FILES = ("manifest.json", "splits.json", "config.yaml")  # besides the shards it lists
+SET_FILES = ("manifest.json", INDEX, "splits.json", "config.yaml")  # besides its shards
+PART_FORMAT = "cmunet-shards-part/1"  # one machine's part (--part i/n), for --merge
 SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
+INDEX_NAME = re.compile(r"index(-\d{6})?\.npz")  # -NNNNNN: the generation after --append
 
 
 @dataclass
@@ -61,7 +68,13 @@ class ShardConfig:
     skip_bad: bool = False  # skip (and list) bad files instead of stopping
     overwrite: bool = False
     shard_size: int = 0  # samples per shard; 0 = about 16 shards, at most 1000 samples each
-    dicom_frames: Literal["all", "first", "middle"] = "all"  # which frames of multi-frame DICOM
+    # which frames of multi-frame DICOM; contrast: the contrast phase (cmunet/data/cine.py)
+    dicom_frames: Literal["all", "first", "middle", "contrast"] = "all"
+    dicom_stride: int = 1  # then every N-th of those frames (1 = each)
+    # dicom_frames=contrast: keep the frames scoring at least this fraction of the way from the
+    # loop's lowest vessel-contrast score to its highest
+    contrast_keep: float = 0.4
+    dicom_max_frames: int = 0  # then at most this many per file, evenly spaced; 0 = no limit
     split_seed: int = 0
     test_fraction: float = 0.2
     ratios: list[str] = field(default_factory=lambda: list(PAPER_RATIOS))
@@ -77,6 +90,12 @@ class ShardConfig:
         check(self.workers >= 0, "workers", "must be >= 0")
         check(self.shard_size >= 0, "shard_size", "must be >= 0")
         check(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)")
+        check(self.dicom_stride >= 1, "dicom_stride",
+              f"must be >= 1, not {self.dicom_stride} (--dicom-stride N keeps every N-th frame)")
+        check(0 <= self.contrast_keep <= 1, "contrast_keep", f"must be in [0, 1], not "
+              f"{self.contrast_keep} (--contrast-keep: a fraction of the loop's score range)")
+        check(self.dicom_max_frames >= 0, "dicom_max_frames",
+              f"must be >= 0, not {self.dicom_max_frames} (--dicom-max-frames; 0 = no limit)")
 
     @classmethod
     def for_folder(cls, folder: str | Path, out: str | Path, **keys) -> ShardConfig:
@@ -94,7 +113,7 @@ class Sample:
     key: str
     image_png: bytes
     mask_png: bytes | None
-    info: dict  # patient, spacing: stored in the shard and the manifest
+    info: dict  # patient, spacing (and loop, frame of a cine loop): in the shard and manifest
     sha256: str
     mean: float
     std: float
@@ -103,27 +122,24 @@ class Sample:
     patient_known: bool = True  # False: no metadata or DICOM PatientID, the key stands in
 
 
-def build_shards(cfg: ShardConfig, salt: str | None = None, log=LOG.info) -> dict:
+def build_shards(cfg: ShardConfig, salt: str | None = None, log=LOG.info,
+                 part: tuple[int, int] | None = None) -> dict:
     """Run the whole job; returns the manifest. Raises BadInput on the first bad file unless
     ``cfg.skip_bad``. An ``out`` URL (``s3://``, ``gs://``, ...) is written in a local temporary
-    folder first, then uploaded (:func:`cmunet.data.location.upload`: manifest last)."""
+    folder first, then uploaded (:func:`cmunet.data.location.upload`: manifest last). ``part``
+    (i, n): only part i of n of the files, into a part folder that
+    :func:`cmunet.data.parts.merge_parts` joins with the others."""
     if location.is_url(cfg.out):
+        if part is not None:
+            raise OutputError("--part writes a local folder: merge the parts (--merge), then "
+                              "upload the set")
         return _build_remote(cfg, salt, log)
     start = time.perf_counter()
     out = check_out(cfg.out, {"images": cfg.images, "masks": cfg.masks, "meta": cfg.meta,
                               "test_list": cfg.test_list}, cfg.overwrite, _foreign_local,
                     must_be_new=True)
     remove_stale(out, log)
-    files = find_images(cfg.images)
-    if cfg.preprocess.size == 0:
-        cfg = replace(cfg, preprocess=replace(cfg.preprocess, size=_native_size(files, cfg)))
-    masks = _index_masks(cfg.masks) if cfg.masks else {}
-    orphans = sorted(set(masks) - {sample_key(f) for f in files})
-    if orphans and not cfg.skip_bad:
-        raise BadInput(masks[orphans[0]], f"mask without an image of the same name in "
-                       f"{cfg.images} ({len(orphans)} such masks); rename or remove it, or pass "
-                       "--skip-bad to list and ignore them")
-    meta = load_meta(cfg.meta) if cfg.meta else None
+    cfg, files, masks, orphans, meta = inputs(cfg)
     salt = salt or os.environ.get("CMUNET_SALT") or os.urandom(16).hex()
     tmp = temp_sibling(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,10 +148,8 @@ def build_shards(cfg: ShardConfig, salt: str | None = None, log=LOG.info) -> dic
     with sigterm_exits():  # SIGTERM raises SystemExit here, so the temporary folder goes
         tmp.mkdir()
         try:
-            manifest = _write(cfg, files, masks, meta, salt, tmp, log)
-            manifest["orphan_masks"] = [str(masks[key]) for key in orphans]
-            for key in orphans:
-                log(f"skipped {masks[key]}: mask without an image of the same name")
+            manifest = _write(cfg, files, masks, meta, salt, tmp, log, part)
+            manifest["orphan_masks"] = orphan_masks(masks, orphans, log)
             manifest["seconds"] = round(time.perf_counter() - start, 2)
             _write_json(tmp / "manifest.json", manifest)
             save_config(cfg, tmp / "config.yaml")
@@ -179,12 +193,17 @@ def foreign_in_set(names: list[str], read_manifest) -> str | None:
     nothing else (what --overwrite may replace)."""
     try:
         manifest = json.loads(read_manifest())
-        listed = [s["name"] for s in manifest["shards"]] if manifest["format"] == FORMAT else None
-    except (OSError, ValueError, KeyError, TypeError):
+        listed = ([s["name"] for s in manifest["shards"]]
+                  if manifest["format"] in (FORMAT, OLD_FORMAT) else None)
+        index = manifest.get("index", {}).get("name", INDEX)  # index-NNNNNN.npz after --append
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         listed = None
     if listed is None:
         return "was not written by this tool (it has no manifest.json of the shard format)"
-    name = foreign_name(names, {*SET_FILES, *(n for n in listed if SHARD_NAME.fullmatch(str(n)))})
+    ours = {*SET_FILES, *(n for n in listed if SHARD_NAME.fullmatch(str(n)))}
+    if INDEX_NAME.fullmatch(str(index)):
+        ours.add(index)
+    name = foreign_name(names, ours)
     return name and f"holds {name}, which was not written by this tool (its manifest.json " \
                     "does not list it)"
 
@@ -193,51 +212,148 @@ def _foreign_local(folder: Path) -> str | None:
     return foreign_in_set(names_in(folder), (folder / "manifest.json").read_text)
 
 
-def _write(cfg, files, masks, meta, salt, tmp: Path, log) -> dict:
+def inputs(cfg: ShardConfig) -> tuple[ShardConfig, list[Path], dict[str, Path], list[str],
+                                       dict[str, ImageMeta] | None]:
+    """(cfg with its size resolved, the image files, the masks by key, the keys of masks
+    without an image, the metadata): what a build or an append reads before processing."""
+    files = find_images(cfg.images)
+    if cfg.preprocess.size == 0:
+        cfg = replace(cfg, preprocess=replace(cfg.preprocess, size=_native_size(files, cfg)))
+    masks = _index_masks(cfg.masks) if cfg.masks else {}
+    orphans = sorted(set(masks) - {sample_key(f) for f in files})
+    if orphans and not cfg.skip_bad:
+        raise BadInput(masks[orphans[0]], f"mask without an image of the same name in "
+                       f"{cfg.images} ({len(orphans)} such masks); rename or remove it, or pass "
+                       "--skip-bad to list and ignore them")
+    return cfg, files, masks, orphans, load_meta(cfg.meta) if cfg.meta else None
+
+
+def orphan_masks(masks: dict[str, Path], orphans: list[str], log) -> list[str]:
+    for key in orphans:
+        log(f"skipped {masks[key]}: mask without an image of the same name")
+    return [str(masks[key]) for key in orphans]
+
+
+@dataclass
+class Processed:
+    """What processing a list of files gave: the samples (manifest records, in order), the shards
+    written (name, count, SHA-256), skipped files, dropped masks, keys without a patient."""
+    samples: list[dict] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    dropped_masks: list[dict] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    dtype: str | None = None  # the storage type, when the samples are not listed (a merge)
+
+
+def process_files(cfg: ShardConfig, files, masks, meta, salt: str, folder: Path, log,
+                  shard_size: int, first_shard: int = 0, allow_empty: bool = False) -> Processed:
+    """Process ``files`` in a pool of workers into shards ``shard-<first_shard>.tar``... in
+    ``folder``; a BadInput (unless ``cfg.skip_bad``) or no usable image (unless
+    ``allow_empty``: a part) raises."""
     jobs = [(f, masks.get(sample_key(f)), _meta_for(f, meta)) for f in files]
     workers = cfg.workers or len(os.sched_getaffinity(0))
-    samples: list[dict] = []
-    skipped: list[dict] = []
-    dropped_masks: list[dict] = []
-    unknown: list[str] = []  # keys of images without patient information
-    shard_size = cfg.shard_size or min(1000, max(1, math.ceil(len(files) / 16)))
-    writer = _ShardWriter(tmp, shard_size)
+    got = Processed()
+    writer = _ShardWriter(folder, shard_size, first_shard)
     results = _run(jobs, cfg, salt, workers)
     try:
-        _collect(results, cfg, writer, samples, skipped, dropped_masks, unknown, log)
+        _collect(results, cfg, writer, got.samples, got.skipped, got.dropped_masks, got.unknown,
+                 log)
     finally:
         results.close()  # stops the worker pool at once, also on error
-    shards = writer.close()
-    if not samples:
+    got.shards = writer.close()
+    if not got.samples and not allow_empty:
         raise BadInput(cfg.images, "no usable image (every file was skipped)")
-    _check_patients(cfg, unknown, len(samples), log)
-    dtypes = sorted({s["dtype"] for s in samples})
-    splits = make_splits([SampleInfo(s["key"], s["patient"], s["labelled"]) for s in samples],
-                         seed=cfg.split_seed, test_fraction=cfg.test_fraction, ratios=cfg.ratios,
-                         test_keys=_read_test_list(cfg.test_list) if cfg.test_list else None)
-    save_splits(splits, tmp / "splits.json")
-    test = set(splits["test"]["keys"])
-    mean, std = _pooled_stats([s for s in samples if s["key"] not in test] or samples)
+    _check_patients(cfg, got.unknown, len(got.samples), log)
+    for shard in got.shards:
+        shard["sha256"] = file_sha256(folder / shard["name"])
+    return got
+
+
+def set_stats(index: SampleIndex, splits: dict) -> tuple[float, float]:
+    """Mean and std over all pixels of the non-test samples of ``index`` (every sample when all
+    are test samples), pooled from the per-image mean and std of equally sized images."""
+    keep = np.ones(len(index), dtype=bool)
+    keep[pool_ids(splits, "test", index=index)] = False
+    keep |= not keep.any()
+    means = index["mean"][keep].astype(np.float64)
+    stds = index["std"][keep].astype(np.float64)
+    mean = float(means.mean())
+    return mean, math.sqrt(float((stds**2 + (means - mean) ** 2).mean()))
+
+
+def shard_size(cfg: ShardConfig, files: list[Path]) -> int:
+    """Samples per shard: ``cfg.shard_size``, else about 16 shards of at most 1000 samples, for
+    the samples that ``files`` may give (every frame of a cine loop that the frame choice can
+    keep, from the DICOM headers; an upper bound for ``contrast``)."""
+    if cfg.shard_size:
+        return cfg.shard_size
+    samples = sum(_frames_kept(cfg, frame_count(path)) for path in files)
+    return min(1000, max(1, math.ceil(samples / 16)))
+
+
+def _frames_kept(cfg: ShardConfig, frames: int) -> int:
+    if frames == 1:
+        return 1
+    kept = frames if cfg.dicom_frames in ("all", "contrast") else 1
+    kept = math.ceil(kept / cfg.dicom_stride)
+    return min(kept, cfg.dicom_max_frames) if cfg.dicom_max_frames else kept
+
+
+def _write(cfg, files, masks, meta, salt, tmp: Path, log, part: tuple[int, int] | None) -> dict:
+    if part is not None:
+        return _write_part(cfg, files, masks, meta, salt, tmp, log, part)
+    got = process_files(cfg, files, masks, meta, salt, tmp, log, shard_size(cfg, files))
+    index = SampleIndex.from_records(got.samples, [s["name"] for s in got.shards])
+    return write_set(cfg, index, got, tmp)
+
+
+def write_set(cfg: ShardConfig, index: SampleIndex, got: Processed, folder: Path) -> dict:
+    """Write the index and the splits of ``index`` (in shards ``got.shards`` of ``folder``);
+    returns the manifest, to be written last."""
+    splits = make_splits([SampleInfo(k, p, bool(lab)) for k, p, lab in zip(
+        index.keys_of(np.arange(len(index))), index.patient_names_of(), index["labelled"])],
+        seed=cfg.split_seed, test_fraction=cfg.test_fraction, ratios=cfg.ratios,
+        test_keys=_read_test_list(cfg.test_list) if cfg.test_list else None)
+    mean, std = set_stats(index, splits)
+    index_sha256 = index.save(folder / INDEX)  # the shards first, then the index and splits
+    save_splits(splits, folder / "splits.json")
     return {
         "format": FORMAT,
         "tool": f"cmunet {cmunet.__version__} tools/shard.py",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "count": len(samples),
-        "labelled": sum(s["labelled"] for s in samples),
-        "patients": len({s["patient"] for s in samples}),
+        "count": len(index),
+        "labelled": int(np.count_nonzero(index["labelled"])),
+        "patients": len(index["patients"]),
         "size": cfg.preprocess.size,
-        "dtype": dtypes[0],
+        "dtype": got.samples[0]["dtype"] if got.samples else got.dtype,
         "mean": mean,
         "std": std,
         "stats_over": "non-test samples",
         "preprocess": to_dict(cfg.preprocess),
-        "shards": shards,
-        "samples": samples,
-        "skipped": skipped,
-        "dropped_masks": dropped_masks,
+        "shards": got.shards,
+        "index": {"name": INDEX, "sha256": index_sha256},
+        "skipped": got.skipped,
+        "dropped_masks": got.dropped_masks,
         # images without patient information, each counted as its own patient in the splits
-        "patient_unknown": len(unknown),
+        "patient_unknown": len(got.unknown),
     }
+
+
+def _write_part(cfg, files, masks, meta, salt, tmp: Path, log, part: tuple[int, int]) -> dict:
+    """Part i of n (``--part i/n``): the i-th of n runs of the input files, its index and a
+    manifest of :data:`PART_FORMAT`, for :func:`cmunet.data.parts.merge_parts`."""
+    number, of = part
+    lo, hi = len(files) * (number - 1) // of, len(files) * number // of
+    size = shard_size(cfg, files)
+    got = process_files(cfg, files[lo:hi], masks, meta, salt, tmp, log, size, allow_empty=True)
+    index = SampleIndex.from_records(got.samples, [s["name"] for s in got.shards])
+    return {"format": PART_FORMAT, "part": number, "of": of, "files": len(files),
+            "first_file": lo, "count": len(index), "size": cfg.preprocess.size,
+            "dtype": got.samples[0]["dtype"] if got.samples else None,
+            "shard_size": size, "shards": got.shards,
+            "index": {"name": INDEX, "sha256": index.save(tmp / INDEX)},
+            "skipped": got.skipped, "dropped_masks": got.dropped_masks, "unknown": got.unknown}
 
 
 def _collect(results, cfg: ShardConfig, writer, samples: list, skipped: list,
@@ -321,7 +437,9 @@ def _samples_of(path: Path, mask_path: Path | None, meta: ImageMeta | None | Exc
         raise meta
     frames = read_frames(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    chosen = {"all": range(len(frames)), "first": [0], "middle": [len(frames) // 2]}[cfg.dicom_frames]
+    chosen = [0] if len(frames) == 1 else choose_frames(
+        [f.pixels for f in frames], cfg.dicom_frames, cfg.dicom_stride, cfg.contrast_keep,
+        cfg.dicom_max_frames)
     key = sample_key(path)
     samples = []
     for index in chosen:
@@ -349,10 +467,12 @@ def _samples_of(path: Path, mask_path: Path | None, meta: ImageMeta | None | Exc
             factor = min(frame.pixels.shape) / cfg.preprocess.size
             spacing = (spacing[0] * factor, spacing[1] * factor)
         values = pixels.astype(np.float64)
+        info = {"patient": patient, "spacing": list(spacing) if spacing else None}
+        if len(frames) > 1:  # a frame of a cine loop: the loop (its file's key) and frame index
+            info.update(loop=key, frame=index)
         samples.append(Sample(
             key=key if len(frames) == 1 else f"{key}_f{index:04d}",
-            image_png=encode_png(pixels), mask_png=mask_png,
-            info={"patient": patient, "spacing": list(spacing) if spacing else None},
+            image_png=encode_png(pixels), mask_png=mask_png, info=info,
             sha256=digest, mean=float(values.mean()), std=float(values.std()),
             dtype=str(pixels.dtype), mask_problem=problem,
             patient_known=meta is not None or bool(frame.patient_id)))
@@ -397,34 +517,29 @@ def _read_test_list(path: str) -> set[str]:
     return {sample_key(n) for n in names if n and not n.startswith("#")}
 
 
-def _pooled_stats(samples: list[dict]) -> tuple[float, float]:
-    """Mean and std over all pixels of equally sized images, from per-image mean and std."""
-    means = np.array([s["mean"] for s in samples])
-    stds = np.array([s["std"] for s in samples])
-    mean = float(means.mean())
-    var = float((stds**2 + (means - mean) ** 2).mean())
-    return mean, math.sqrt(var)
-
-
 class _ShardWriter:
     """Writes samples into ``shard-NNNNNN.tar`` files of ``size`` samples, byte-reproducibly."""
 
-    def __init__(self, folder: Path, size: int):
-        self.folder, self.size = folder, size
+    def __init__(self, folder: Path, size: int, first: int = 0):
+        self.folder, self.size, self.first = folder, size, first  # first: the first one's number
         self.shards: list[dict] = []
         self.tar: tarfile.TarFile | None = None
 
     def add(self, sample: Sample) -> str:
+        return self.add_members(sample.key, {
+            "image.png": sample.image_png, "mask.png": sample.mask_png,
+            "sample.json": json.dumps(sample.info, sort_keys=True).encode()})
+
+    def add_members(self, key: str, members: dict[str, bytes | None]) -> str:
+        """Write one sample's members (suffix -> bytes, None: left out); returns its shard."""
         if self.tar is None or self.shards[-1]["count"] >= self.size:
             self._close_current()
-            name = f"shard-{len(self.shards):06d}.tar"
+            name = f"shard-{self.first + len(self.shards):06d}.tar"
             self.tar = tarfile.open(self.folder / name, "w", format=tarfile.USTAR_FORMAT)
             self.shards.append({"name": name, "count": 0})
-        members = {"image.png": sample.image_png, "mask.png": sample.mask_png,
-                   "sample.json": json.dumps(sample.info, sort_keys=True).encode()}
         for suffix, data in members.items():
             if data is not None:
-                info = tarfile.TarInfo(f"{sample.key}.{suffix}")
+                info = tarfile.TarInfo(f"{key}.{suffix}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o444
                 self.tar.addfile(info, io.BytesIO(data))
         self.shards[-1]["count"] += 1

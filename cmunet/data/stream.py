@@ -7,7 +7,9 @@ seeded and changes every epoch:
 1. The epoch's sequence: the selected samples of every folder, grouped by shard (tar order), the
    shards in an order drawn from (seed, epoch). An extra folder joins with a weight: 1 = each of
    its samples once per epoch (its share of the stream is its share of the samples), 2 = twice,
-   0.25 = a quarter of them, drawn anew every epoch.
+   0.25 = a quarter of them, drawn anew every epoch. The sequence is built from integer arrays
+   of sample ids (rows of each folder's memory-mapped :class:`~cmunet.data.index.SampleIndex`),
+   never from per-sample Python objects: a set of millions of samples costs a process megabytes.
 2. Each rank takes a contiguous, equal part of the sequence: ``batches_per_epoch`` batches (by
    default the sequence length over world x batch, rounded up, so the last few positions wrap to
    the start of the sequence and a handful of samples are seen twice). Every rank yields the
@@ -26,14 +28,13 @@ number of workers.
 
 A shard set is a local folder or a URL (``s3://``, ``gs://``, ``http(s)://``, ``pipe:``): see
 :mod:`cmunet.data.location`. Samples are decoded from PNG here (16-bit kept: WebDataset's own
-decoders would cut it to 8 bits) and z-scored with each folder's manifest statistics. Only ``image.png``, ``mask.png`` and
-``sample.json`` are ever read; nothing is unpickled.
+decoders would cut it to 8 bits) and z-scored with each folder's manifest statistics. Only
+``image.png``, ``mask.png`` and ``sample.json`` are ever read; nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import random
@@ -46,22 +47,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from cmunet.data import location
+from cmunet.data.index import SampleIndex, load_manifest
 from cmunet.data.png import decode_png
 
 # transform(image float32 (H, W), mask bool (H, W) or None, rng) -> (image, mask)
 Transform = Callable[[np.ndarray, np.ndarray | None, np.random.Generator],
                      tuple[np.ndarray, np.ndarray | None]]
-
-
-def load_manifest(shards: str | Path) -> dict:
-    """The ``manifest.json`` of the shard set at ``shards`` (a folder or a URL: see
-    :mod:`cmunet.data.location`)."""
-    try:
-        return json.loads(location.read_bytes(shards, "manifest.json"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{location.public(location.join(shards, 'manifest.json'))} does "
-                                f"not exist: is {location.public(shards)} a shard set written by "
-                                "tools/shard.py?") from None
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -124,37 +115,44 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Source:
     """One shard folder's part of the stream."""
     folder: str
     decoder: _Decoder
-    shards: tuple[tuple[str, tuple[str, ...]], ...]  # (url, selected keys in tar order)
+    index: SampleIndex
+    ids: np.ndarray  # the selected sample ids, ascending (= shard, then tar order)
+    runs: tuple[tuple[int, int, int], ...]  # (shard, lo, hi): ids[lo:hi] lie in that shard
     weight: float  # visits of each sample per epoch (fractions: a random subset each epoch)
     size: int | None = None  # side of the images in pixels (the manifest's size)
 
     @property
     def count(self) -> int:
-        return sum(len(keys) for _, keys in self.shards)
+        return len(self.ids)
 
     @property
     def per_epoch(self) -> int:
         return round(self.weight * self.count)
 
+    def url(self, shard: int) -> str:
+        return location.join(self.folder, self.index["shards"][shard].decode())
 
-# (source index, shard url, keys): a run of consecutive samples of one shard
-_Unit = tuple[int, str, tuple[str, ...]]
+
+# (source index, shard number, sample ids): a run of consecutive samples of one shard
+_Unit = tuple[int, int, np.ndarray]
 
 
 class ShardStream(IterableDataset):
-    """Batches from the shards in ``shards`` whose keys are in ``keys`` (None = all), plus,
+    """Batches from the shards in ``shards`` whose keys are in ``keys`` (None = all; an integer
+    array: sample ids, as :func:`cmunet.data.splits.pool_ids` gives), plus,
     optionally, ``extra`` (folder, keys) sources (unlabelled archives, synthetic angiograms),
     each z-scored with its own statistics and joining with its weight in ``extra_weights``
     (default 1: in proportion to its number of samples; ``weight`` is the main folder's). See
     the module docstring."""
 
-    def __init__(self, shards: str | Path, keys: Iterable[str] | None, batch_size: int, *,
-                 extra: Sequence[tuple[str | Path, Iterable[str] | None]] = (),
+    def __init__(self, shards: str | Path, keys: Iterable[str] | np.ndarray | None,
+                 batch_size: int, *,
+                 extra: Sequence[tuple[str | Path, Iterable[str] | np.ndarray | None]] = (),
                  extra_weights: Sequence[float] | None = None, weight: float = 1.0,
                  seed: int = 0, shuffle_buffer: int = 256, with_masks: bool = False,
                  transform: Transform | None = None, rank: int | None = None,
@@ -167,7 +165,6 @@ class ShardStream(IterableDataset):
                              f"extra folder ({len(extra)})")
         self.sources = [_source(folder, selection, w, with_masks) for (folder, selection), w
                         in zip([(shards, keys), *extra], [weight, *weights])]
-        self.keys = set().union(*({k for _, ks in s.shards for k in ks} for s in self.sources))
         self.epoch_size = sum(s.per_epoch for s in self.sources)
         if self.epoch_size == 0:
             raise ValueError(f"no sample of {shards} or its extra folders is selected")
@@ -178,6 +175,11 @@ class ShardStream(IterableDataset):
         self.epoch, self.skip_batches = 0, 0  # where to start (resume)
         self.epochs = epochs  # where to stop (None: endless)
         self.remote = location.remote_config()  # the job's time-outs, for the loader workers
+
+    @property
+    def keys(self) -> set[str]:
+        """Every selected key of every source (built when asked for: a set of strings)."""
+        return {k for s in self.sources for k in s.index.keys_of(s.ids)}
 
     def layout(self) -> tuple[int, int, int]:
         """(rank, world size, batches per rank and epoch) as the workers will see them."""
@@ -264,21 +266,20 @@ class ShardStream(IterableDataset):
         units: list[_Unit] = []
         for index, source in enumerate(self.sources):
             whole, part = divmod(source.per_epoch, source.count)
-            units += [(index, url, keys) for _ in range(whole) for url, keys in source.shards]
+            units += [(index, shard, source.ids[lo:hi]) for _ in range(whole)
+                      for shard, lo, hi in source.runs]
             if part:  # a random subset of the folder, kept in shard and tar order
-                chosen = set(rng.choice(source.count, part, replace=False).tolist())
-                position = 0
-                for url, keys in source.shards:
-                    subset = tuple(k for i, k in enumerate(keys, position) if i in chosen)
-                    position += len(keys)
-                    if subset:
-                        units.append((index, url, subset))
+                chosen = np.zeros(source.count, dtype=bool)
+                chosen[rng.choice(source.count, part, replace=False)] = True
+                units += [(index, shard, source.ids[lo:hi][chosen[lo:hi]])
+                          for shard, lo, hi in source.runs if chosen[lo:hi].any()]
         return [units[i] for i in rng.permutation(len(units))]
 
     def _read(self, pieces: list[_Unit]):
-        """(source index, raw sample) of each piece's keys, each shard read once per piece."""
-        for source, url, keys in pieces:
-            wanted = set(keys)
+        """(source index, raw sample) of each piece's samples, each shard read once per piece."""
+        for source, shard, ids in pieces:
+            url = self.sources[source].url(shard)
+            wanted = set(self.sources[source].index.keys_of(ids))
             found = 0
             samples = location.tar_samples(url)
             try:
@@ -307,11 +308,11 @@ def _owned(slot: int, workers: int, first: int, upto: int) -> int:
 def _cut(units: list[_Unit], begin: int, end: int) -> list[_Unit]:
     """The parts of ``units`` (laid end to end) that cover positions [begin, end)."""
     pieces, position = [], 0
-    for source, url, keys in units:
-        lo, hi = max(begin - position, 0), min(end - position, len(keys))
+    for source, shard, ids in units:
+        lo, hi = max(begin - position, 0), min(end - position, len(ids))
         if lo < hi:
-            pieces.append((source, url, keys[lo:hi]))
-        position += len(keys)
+            pieces.append((source, shard, ids[lo:hi]))
+        position += len(ids)
         if position >= end:
             break
     return pieces
@@ -333,29 +334,37 @@ def _buffer_shuffle(items, size: int, initial: int, rng: random.Random):
     yield from buffer
 
 
-def _source(folder: str | Path, keys: Iterable[str] | None, weight: float,
+def _source(folder: str | Path, keys: Iterable[str] | np.ndarray | None, weight: float,
             with_masks: bool) -> _Source:
     manifest = load_manifest(folder)
-    chosen = _selected(folder, manifest, keys)
-    by_shard: dict[str, list[str]] = {}
-    for sample in manifest["samples"]:  # manifest order = tar order
-        if sample["key"] in chosen:
-            by_shard.setdefault(sample["shard"], []).append(sample["key"])
-    shards = tuple((location.join(folder, name), tuple(keys)) for name, keys in by_shard.items())
-    return _Source(str(folder), _Decoder(manifest["mean"], manifest["std"], with_masks),
-                   shards, weight, manifest.get("size"))
+    index = SampleIndex.open(folder, manifest)
+    ids = _selected(folder, index, keys)
+    offsets = index["shard_offsets"]
+    bounds = np.searchsorted(ids, offsets.astype(ids.dtype))  # shard s: ids[bounds[s]:bounds[s+1]]
+    runs = tuple((s, int(lo), int(hi)) for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
+                 if lo < hi)
+    return _Source(str(folder), _Decoder(manifest["mean"], manifest["std"], with_masks), index,
+                   ids, runs, weight, manifest.get("size"))
 
 
-def _selected(folder: str | Path, manifest: dict, keys: Iterable[str] | None) -> set[str]:
-    known = {s["key"] for s in manifest["samples"]}
-    chosen = set(known) if keys is None else set(keys)
-    missing = sorted(chosen - known)
-    if missing:
-        raise ValueError(f"{len(missing)} selected keys are not in {folder} "
-                         f"(e.g. {', '.join(missing[:3])}): splits and shards disagree")
-    if not chosen:
+def _selected(folder: str | Path, index: SampleIndex,
+              keys: Iterable[str] | np.ndarray | None) -> np.ndarray:
+    """The selected sample ids, ascending and each once."""
+    if keys is None:
+        ids = np.arange(len(index))
+    elif isinstance(keys, np.ndarray) and keys.dtype.kind in "iu":
+        ids = keys if np.all(keys[1:] > keys[:-1]) else np.unique(keys)  # pool_ids: ascending
+        if len(ids) and (ids[0] < 0 or ids[-1] >= len(index)):
+            raise ValueError(f"sample ids outside 0..{len(index) - 1} are selected in {folder}")
+    else:
+        ids, missing = index.find(keys)
+        if missing:
+            raise ValueError(f"{len(missing)} selected keys are not in {folder} "
+                             f"(e.g. {', '.join(missing[:3])}): splits and shards disagree")
+        ids = np.unique(ids)
+    if not len(ids):
         raise ValueError(f"no sample of {folder} is selected")
-    return chosen
+    return ids.astype(np.int32)  # 4 bytes a selected sample (a set holds < 2**31)
 
 
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False,
@@ -374,21 +383,23 @@ class InMemorySet(Dataset):
     def __init__(self, shards: str | Path, keys: Iterable[str], *, with_masks: bool = True,
                  transform: Transform | None = None, seed: int = 0):
         manifest = load_manifest(shards)
+        index = SampleIndex.open(shards, manifest)
         wanted = list(dict.fromkeys(keys))
-        selected = set(wanted)
-        by_key = {s["key"]: s for s in manifest["samples"]}
-        missing = [k for k in wanted if k not in by_key]
+        ids, missing = index.find(wanted)
         if missing:
             raise ValueError(f"{len(missing)} keys are not in {shards} (e.g. {missing[0]})")
-        urls = sorted({location.join(shards, by_key[k]["shard"]) for k in wanted})
+        names = index.shard_names()
+        shard_of = [names[s] for s in index.shard_of(ids).tolist()]
+        urls = [location.join(shards, name) for name in sorted(set(shard_of))]
+        selected = set(wanted)
         raw = {s["__key__"]: s for u in urls for s in location.tar_samples(u)
                if s["__key__"] in selected}
-        lacking = [by_key[k]["shard"] for k in wanted if k not in raw]
+        lacking = [name for k, name in zip(wanted, shard_of) if k not in raw]
         if lacking:
             raise _lacks(location.join(shards, lacking[0]), lacking.count(lacking[0]))
         decoder = _Decoder(manifest["mean"], manifest["std"], with_masks)
         self.items = [decoder(raw[k]) for k in wanted]
-        self.spacing = [by_key[k].get("spacing") for k in wanted]
+        self.spacing = [r["spacing"] for r in index.records(ids)]
         self.transform, self.seed, self.epoch = transform, seed, 0
 
     def __len__(self) -> int:

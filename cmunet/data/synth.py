@@ -30,8 +30,14 @@ edge enhancement (unsharp masking) of angiography systems, and digitises to 12 b
 0..65535 (bit replication).  Sizes: vessel radii of about 1-7 px at 512x512, masks of about
 3-7 % of the image, mean grey level about 130 (8 bit).
 
+A *cine loop* (:func:`generate_cine`) is a multi-frame XA DICOM file of one patient whose pose,
+collimator and detector settings stay fixed while the cardiac phase advances and the contrast
+follows a gamma-variate bolus (:func:`bolus_curve`): it arrives, peaks and washes out, so the
+contrast phase of each loop is known.
+
 Everything is seeded: patient ``p`` uses ``SeedSequence([seed, 0, p])`` and image ``i`` uses
-``SeedSequence([seed, 1, i])``, so the files do not depend on the number of worker processes.
+``SeedSequence([seed, 1, i])`` (cine loop ``l``: ``[seed, 2..4, ..., l]``), so the files do not
+depend on the number of worker processes.
 """
 
 from __future__ import annotations
@@ -42,13 +48,15 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 from scipy import ndimage
+
+from cmunet.outdir import check_only
 
 REF_SIZE = 512
 """Size of the reference image in which all geometry is expressed (reference pixels)."""
@@ -518,20 +526,23 @@ def _collimator(rng: np.random.Generator, size: int) -> NDArray[np.float32]:
 
 
 def _detector(
-    rng: np.random.Generator, attenuation: NDArray, size: int
+    rng: np.random.Generator, attenuation: NDArray, size: int,
+    noise: np.random.Generator | None = None,
 ) -> NDArray[np.float64]:
     """Vignetting, quantum noise, blur, electronic noise and edge enhancement.
 
+    The settings come from ``rng``, the noise from ``noise`` (default ``rng``).
     Returns the 12-bit detector values (float).
     """
+    noise = noise or rng
     scale = size / REF_SIZE
     axis = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
     rho2 = axis[None, :] ** 2 + axis[:, None] ** 2
     flux = np.exp(-attenuation) * (1.0 - rng.uniform(0.3, 0.6) * rho2)
     photons = rng.uniform(200.0, 400.0) / scale**2  # per pixel for unattenuated flux
-    flux = rng.poisson(flux * photons) / photons
+    flux = noise.poisson(flux * photons) / photons
     flux = ndimage.gaussian_filter(flux, 0.6 * max(scale, 0.5))
-    flux += rng.normal(0.0, 0.004, flux.shape)
+    flux += noise.normal(0.0, 0.004, flux.shape)
     # edge enhancement (unsharp masking), as in the image processing of angiography systems
     flux += rng.uniform(0.3, 0.8) * (flux - ndimage.gaussian_filter(flux, 6.0 * scale))
     return np.clip(flux * (_WHITE * DETECTOR_MAX), 0, DETECTOR_MAX)
@@ -551,13 +562,26 @@ def render_frame(
     patient: Patient, rng: np.random.Generator, size: int, bits: int = 8
 ) -> tuple[NDArray, NDArray[np.bool_]]:
     """Render one frame of ``patient``: ``(image uint8/uint16 (size, size), mask bool)``."""
-    max_dist = max(float(v.dist[-1]) for v in patient.vessels)
-    pose = _draw_pose(rng, max_dist)
+    values, mask = _expose(patient, _draw_pose(rng, _max_dist(patient)), rng, size)
+    return _quantise(values, bits), mask
+
+
+def _max_dist(patient: Patient) -> float:
+    """Path length from the root of the tree to its farthest vessel end (reference pixels)."""
+    return max(float(v.dist[-1]) for v in patient.vessels)
+
+
+def _expose(
+    patient: Patient, pose: _FramePose, rng: np.random.Generator, size: int,
+    noise: np.random.Generator | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """12-bit detector values and lumen mask of ``patient`` in ``pose``; the collimator and
+    the detector settings come from ``rng``, the noise from ``noise`` (default ``rng``)."""
     x, y = pose.reference_grid(size)
     attenuation = _anatomy_attenuation(patient.anatomy, x, y)
     vessels, mask = _render_vessels(patient, pose, size)
     attenuation += vessels + _collimator(rng, size)
-    return _quantise(_detector(rng, attenuation, size), bits), mask
+    return _detector(rng, attenuation, size, noise), mask
 
 
 def synth_angiogram(
@@ -606,16 +630,66 @@ def _write_patient(
         Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / image_name(index))
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the generated ``images/``, ``masks/`` and ``meta.csv`` into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("images", "masks", "meta.csv"):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        (tmp / name).replace(target)
+_OUTPUTS = ("images", "masks", "meta.csv", "cine.csv")  # what generate* write into a folder
+_META_HEADER = ["image", "patient", "spacing_mm"]
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, or a non-empty folder without ``overwrite``; with it,
+    one whose ``images/`` or ``masks/`` hold a file that its ``meta.csv`` does not list (a file
+    of the user's, which replacing the folder would delete)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; use overwrite (--overwrite)")
+    if overwrite:
+        written = _listed_images(out / "meta.csv")
+        for name in ("images", "masks"):
+            check_only(out / name, written, "the folder")
+
+
+def _listed_images(meta: Path) -> set[str]:
+    """The image names an earlier synthetic set's ``meta.csv`` lists (none if it has none)."""
+    try:
+        with meta.open(newline="") as f:
+            return {row["image"] for row in csv.DictReader(f) if row.get("image")}
+    except (OSError, KeyError, UnicodeDecodeError, csv.Error):
+        return set()
+
+
+def _write_set(
+    out: Path, folders: tuple[str, ...], work, args: list[tuple], workers: int,
+    tables: dict[str, tuple[list[str], list]],
+) -> None:
+    """Run ``work(tmp, *a)`` for each ``a`` of ``args`` (in ``workers`` processes) in a
+    temporary sibling folder ``tmp`` of ``out`` holding ``folders``, write the CSV ``tables``
+    (file name -> header, rows) there, then move it all into ``out``, replacing every earlier
+    output of this module (:data:`_OUTPUTS`) and nothing else."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp_name:
+        tmp = Path(tmp_name)
+        for name in folders:
+            (tmp / name).mkdir()
+        if workers == 1:
+            for a in args:
+                work(tmp, *a)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(work, [tmp] * len(args), *zip(*args)))
+        for name, (header, rows) in tables.items():
+            with open(tmp / name, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(header)
+                writer.writerows(rows)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in _OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            if (tmp / name).exists():
+                (tmp / name).replace(target)
 
 
 def generate(
@@ -632,18 +706,15 @@ def generate(
 
     Frames ``i`` belong to patient ``i // frames_per_patient``.  Everything is written into a
     temporary sibling folder first and moved into ``out`` at the end.  A non-empty ``out`` is
-    refused unless ``overwrite``, which replaces its ``images/``, ``masks/`` and ``meta.csv``.
+    refused unless ``overwrite``, which replaces its ``images/``, ``masks/`` and ``meta.csv``
+    (and the ``cine.csv`` of :func:`generate_cine`).
     """
     out = Path(out)
     if count < 1 or size < 16 or frames_per_patient < 1 or workers < 1:
         raise ValueError("count, frames_per_patient and workers must be >= 1 and size >= 16")
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, not {bits}")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; use overwrite (--overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_out(out, overwrite)
     n_patients = -(-count // frames_per_patient)
     jobs = [
         range(p * frames_per_patient, min((p + 1) * frames_per_patient, count))
@@ -653,23 +724,140 @@ def generate(
         (image_name(i), patient_name(i // frames_per_patient), spacing_mm(size))
         for i in range(count)
     ]
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp_name:
-        tmp = Path(tmp_name)
-        (tmp / "images").mkdir()
-        (tmp / "masks").mkdir()
-        args = [(tmp, seed, p, job, size, bits) for p, job in enumerate(jobs)]
-        if workers == 1:
-            for a in args:
-                _write_patient(*a)
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(_write_patient, *zip(*args)))
-        with open(tmp / "meta.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["image", "patient", "spacing_mm"])
-            writer.writerows(rows)
-        _install(tmp, out)
+    args = [(seed, p, job, size, bits) for p, job in enumerate(jobs)]
+    _write_set(out, ("images", "masks"), _write_patient, args, workers,
+               {"meta.csv": (_META_HEADER, rows)})
     return rows
+
+
+# --------------------------------------------------------------------------- cine loops
+
+CINE_FPS = 15.0
+"""Frame rate of the synthetic cine loops (frames per second)."""
+CONTRAST_PHASE = 0.5
+"""A frame of a cine loop is in the contrast phase when its concentration is at least this
+fraction of the loop's peak (the bolus curve's full width at half maximum)."""
+
+
+def cine_name(loop: int) -> str:
+    """File name of cine loop ``loop``."""
+    return f"cine{loop:04d}.dcm"
+
+
+def bolus_curve(rng: np.random.Generator, frames: int) -> NDArray[np.float64]:
+    """Contrast concentration of each frame of a loop, peak 1: a gamma variate
+    ``x^a exp(a (1 - x))`` with ``x = (t - arrival) / time_to_peak``.  The contrast arrives
+    after 10-25 % of the loop, peaks 15-25 % of the loop later and washes out slowly; the
+    first frames hold no contrast and the last ones little."""
+    arrival = rng.uniform(0.1, 0.25) * frames
+    to_peak = rng.uniform(0.15, 0.25) * frames
+    alpha = rng.uniform(2.5, 4.0)
+    x = np.maximum(np.arange(frames) - arrival, 0.0) / to_peak
+    return x**alpha * np.exp(alpha * (1.0 - x))
+
+
+def _loop_rng(seed: int, loop: int, *more: int) -> np.random.Generator:
+    """Random generator of cine loop ``loop``: 2 = its bolus and heart rate, 3 = its fixed
+    pose, collimator and detector settings, (4, frame) = a frame's noise."""
+    return np.random.default_rng(np.random.SeedSequence([seed, *more, loop]))
+
+
+def _cine_curve(seed: int, loop: int, frames: int) -> tuple[NDArray, float]:
+    """Bolus curve and cardiac period (frames) of cine loop ``loop``."""
+    rng = _loop_rng(seed, loop, 2)
+    curve = bolus_curve(rng, frames)
+    return curve, CINE_FPS * 60.0 / rng.uniform(60.0, 90.0)
+
+
+def render_loop(
+    patient: Patient, seed: int, loop: int, frames: int, size: int
+) -> NDArray[np.uint16]:
+    """The frames of cine loop ``loop`` of ``patient``: 12-bit detector values, uint16
+    ``(frames, size, size)``.  The pose, collimator and detector settings stay fixed over
+    the loop; the cardiac phase advances, the contrast follows :func:`bolus_curve` (and fills
+    the tree from its root as it arrives) and the noise changes every frame."""
+    curve, period = _cine_curve(seed, loop, frames)
+    max_dist = _max_dist(patient)
+    filling = np.clip(np.cumsum(curve) / max(curve.sum(), 1e-9) * 4.0, 0.0, 1.0)
+    stack = np.empty((frames, size, size), np.uint16)
+    for f in range(frames):
+        fixed = _loop_rng(seed, loop, 3)  # the same settings for every frame
+        pose = _draw_pose(fixed, max_dist)
+        pose = replace(pose, phase=pose.phase + 2 * np.pi * f / period,
+                       concentration=float(curve[f]), front=1.2 * max_dist * float(filling[f]))
+        values, _ = _expose(patient, pose, fixed, size, noise=_loop_rng(seed, loop, 4, f))
+        stack[f] = np.rint(values).astype(np.uint16)
+    return stack
+
+
+def write_cine_dicom(
+    path: Path, stack: NDArray[np.uint16], patient_id: str, spacing: float, uid: str
+) -> None:
+    """Save ``stack`` (12-bit values) as a multi-frame X-ray angiography DICOM file."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, XRayAngiographicImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = XRayAngiographicImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[uid, "sop"])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = XRayAngiographicImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[uid, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid, "series"])
+    ds.Modality, ds.PatientID = "XA", patient_id
+    ds.NumberOfFrames, ds.FrameTime, ds.CineRate = len(stack), 1000.0 / CINE_FPS, int(CINE_FPS)
+    ds.Rows, ds.Columns = stack.shape[1:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.ImagerPixelSpacing = [spacing, spacing]
+    ds.PixelData = np.ascontiguousarray(stack, dtype="<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _write_loop(out: Path, seed: int, loop: int, patient: int, frames: int, size: int) -> None:
+    """Render and save cine loop ``loop`` of patient ``patient``."""
+    stack = render_loop(make_patient(patient_rng(seed, patient)), seed, loop, frames, size)
+    write_cine_dicom(out / "images" / cine_name(loop), stack, patient_name(patient),
+                     spacing_mm(size), f"cmunet-synth:{seed}:{loop}")
+
+
+def generate_cine(
+    out: str | Path,
+    loops: int,
+    frames: int,
+    size: int,
+    seed: int,
+    loops_per_patient: int = 2,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> list[tuple[str, int, float, int]]:
+    """Write ``loops`` cine loops of ``frames`` frames (``images/cineNNNN.dcm``, multi-frame
+    XA DICOM with the PatientID ``synpNNN``), ``meta.csv`` and the ground truth ``cine.csv``
+    (image, frame, concentration, contrast_phase: 1 where the concentration is at least
+    :data:`CONTRAST_PHASE` of the peak) into ``out``; return the ``cine.csv`` rows.  Loop
+    ``l`` belongs to patient ``l // loops_per_patient``, whose tree it shares with the images
+    of :func:`generate`.  Written and replaced as by :func:`generate`; no masks."""
+    out = Path(out)
+    if loops < 1 or frames < 2 or size < 16 or loops_per_patient < 1 or workers < 1:
+        raise ValueError("loops, loops_per_patient and workers must be >= 1, frames >= 2 and "
+                         "size >= 16")
+    _check_out(out, overwrite)
+    truth = []
+    for loop in range(loops):
+        curve = _cine_curve(seed, loop, frames)[0]
+        truth += [(cine_name(loop), f, round(float(c), 4), int(c >= CONTRAST_PHASE))
+                  for f, c in enumerate(curve)]
+    meta = [(cine_name(i), patient_name(i // loops_per_patient), spacing_mm(size))
+            for i in range(loops)]
+    args = [(seed, i, i // loops_per_patient, frames, size) for i in range(loops)]
+    _write_set(out, ("images",), _write_loop, args, workers, {
+        "meta.csv": (_META_HEADER, meta),
+        "cine.csv": (["image", "frame", "concentration", "contrast_phase"], truth)})
+    return truth
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -678,13 +866,21 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Write synthetic X-ray coronary angiograms with exact vessel masks: "
             "DIR/images/synNNNN.png, DIR/masks/synNNNN.png (0/255) and DIR/meta.csv "
-            "(image,patient,spacing_mm). Frames of one synthetic patient share the vessel tree. "
+            "(image,patient,spacing_mm), or with --cine cine loops (multi-frame DICOM). "
+            "Frames of one synthetic patient share the vessel tree. "
             "The same arguments give byte-identical files, whatever --workers."
         ),
     )
     add = parser.add_argument
     add("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    add("--count", required=True, type=int, metavar="N", help="number of images")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--count", type=int, metavar="N", help="number of images")
+    what.add_argument(
+        "--cine", type=int, metavar="N",
+        help="write N cine loops instead: DIR/images/cineNNNN.dcm (multi-frame XA DICOM, 12 "
+             "bits, no masks) whose contrast arrives, peaks and washes out, DIR/meta.csv and "
+             "DIR/cine.csv (image,frame,concentration,contrast_phase: the ground truth)",
+    )
     add("--size", type=int, default=512, metavar="S", help="image side in pixels (default 512)")
     add("--seed", type=int, default=0, metavar="K", help="random seed (default 0)")
     add(
@@ -695,10 +891,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--frames-per-patient", type=int, default=4, metavar="F",
         help="frames per synthetic patient; the last one may have fewer (default 4)",
     )
+    add("--frames", type=int, default=40, metavar="F", help="frames per cine loop (default 40)")
+    add(
+        "--loops-per-patient", type=int, default=2, metavar="L",
+        help="cine loops per synthetic patient (default 2)",
+    )
     add("--workers", type=int, default=1, metavar="W", help="worker processes (default 1)")
     add(
         "--overwrite", action="store_true",
-        help="replace images/, masks/ and meta.csv of a non-empty DIR instead of refusing",
+        help="replace images/, masks/, meta.csv and cine.csv of a non-empty DIR instead of "
+             "refusing",
     )
     return parser
 
@@ -710,16 +912,27 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        rows = generate(
-            args.out, args.count, args.size, args.seed, bits=args.bits,
-            frames_per_patient=args.frames_per_patient, workers=args.workers,
-            overwrite=args.overwrite,
-        )
+        if args.cine is not None:
+            rows = generate_cine(
+                args.out, args.cine, args.frames, args.size, args.seed,
+                loops_per_patient=args.loops_per_patient, workers=args.workers,
+                overwrite=args.overwrite,
+            )
+            what = f"{args.cine} cine loops of {args.frames} frames ({len(rows)} frames)"
+            patients = -(-args.cine // args.loops_per_patient)
+            depth = "12-bit DICOM"
+        else:
+            rows = generate(
+                args.out, args.count, args.size, args.seed, bits=args.bits,
+                frames_per_patient=args.frames_per_patient, workers=args.workers,
+                overwrite=args.overwrite,
+            )
+            what, depth = f"{len(rows)} images", f"{args.bits}-bit"
+            patients = len({row[1] for row in rows})
     except (FileExistsError, ValueError) as err:
         parser.error(str(err))
-    patients = len({row[1] for row in rows})
     print(
-        f"synth: wrote {len(rows)} images of {patients} patients, {args.size}x{args.size} "
-        f"{args.bits}-bit, to {args.out} in {time.perf_counter() - start:.1f} s"
+        f"synth: wrote {what} of {patients} patients, {args.size}x{args.size} "
+        f"{depth}, to {args.out} in {time.perf_counter() - start:.1f} s"
     )
     return 0

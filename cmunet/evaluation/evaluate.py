@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Subset
 import cmunet
 from cmunet.config import flatten, read_yaml_mapping, save_config
 from cmunet.data import location
+from cmunet.data.index import SampleIndex
 from cmunet.data.splits import load_splits, pool_keys
-from cmunet.data.stream import InMemorySet, collate, load_manifest
+from cmunet.data.stream import InMemorySet, collate
 from cmunet.evaluation.figures import bland_altman_plot, save_overlays
 from cmunet.evaluation.metrics import DEFAULT_KEYS, diameter_agreement, image_metrics, summarize
 from cmunet.log import logger
@@ -73,7 +74,9 @@ def usable_samples(shards: str | Path, keys: Sequence[str]) -> tuple[InMemorySet
                                                                       dict[str, list[str]]]:
     """The labelled images of ``keys``, the indices of those with a non-empty mask, and the
     excluded keys by reason."""
-    labelled = {s["key"] for s in load_manifest(shards)["samples"] if s["labelled"]}
+    index = SampleIndex.open(shards)
+    ids, _ = index.find(keys)
+    labelled = set(index.keys_of(ids[index["labelled"][ids]]))
     data = InMemorySet(shards, [k for k in keys if k in labelled])
     empty = [i for i, (_, _, mask) in enumerate(data.items) if not mask.any()]
     keep = sorted(set(range(len(data))) - set(empty))

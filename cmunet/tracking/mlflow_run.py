@@ -88,8 +88,7 @@ def shard_dataset(folder: str | Path):
     where = str(folder).rstrip("/") if remote else Path(folder).resolve()
     raw = location.read_bytes(where, "manifest.json")
     manifest = json.loads(raw)
-    samples = manifest.get("samples", [])
-    profile = {"samples": len(samples), "labelled": sum(bool(s.get("labelled")) for s in samples),
+    profile = {"samples": manifest.get("count"), "labelled": manifest.get("labelled"),
                "size": manifest.get("size")}
     name = where.rsplit("/", 1)[-1] if remote else where.name
     uri = location.public(where) if remote else where.as_uri()

@@ -31,7 +31,7 @@ import torch
 from cmunet.config import dump_config, flatten, save_config
 from cmunet.data import location
 from cmunet.data.overlap import refuse_test_overlap
-from cmunet.data.splits import load_splits, pool_keys
+from cmunet.data.splits import load_splits, pool_ids
 from cmunet.data.stream import ShardStream, load_manifest, make_loader
 from cmunet.log import bar_disable, logger, setup_logging
 from cmunet.methods import build_method
@@ -79,7 +79,7 @@ def pretrain_stream(cfg: PretrainConfig, rank: int, world_size: int) -> ShardStr
     """The stream of a pre-training run: the pool of ``data.shards`` (none with
     ``data.pool=none``), then the extra folders with their weights."""
     t = cfg.train
-    keys = [] if cfg.data.pool == "none" else pool_keys(
+    keys = [] if cfg.data.pool == "none" else pool_ids(  # sample ids: an integer array
         load_splits(location.join(cfg.data.shards, "splits.json")), cfg.data.pool, cfg.data.ratio)
     weights = cfg.data.extra_weights or [1.0] * len(cfg.data.extra_shards)
     # (folder, keys or None = all, visits per epoch): the pool, then the extra folders
