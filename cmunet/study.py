@@ -37,6 +37,7 @@ from cmunet.data.splits import load_splits, parse_ratio, pool_keys
 from cmunet.log import logger
 from cmunet.outdir import check_out
 from cmunet.dose import dose_arms, dose_report
+from cmunet.study_labels import selected_keys
 from cmunet.study_config import (Cell, StudyConfig, StudyData, arm_of, cells, pretrain_name,
                                  pretrain_ratio)
 from cmunet.study_stats import UNKNOWN, format_gain, grid_edge_line, mean_std, paired_gain
@@ -172,6 +173,17 @@ def pretrain(cfg: StudyConfig, cell: Cell, out: Path, log) -> str:
     return str(export)
 
 
+def label_encoder(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> str:
+    """The export whose encoder picks the cell's labels: ``label_encoder``'s (an arm, trained now
+    unless its export exists, or an export path), else the cell's own initialisation."""
+    name = arm_of(cfg, cell.arm).label_encoder
+    if not name:
+        return init
+    if "/" in name:  # an export of a pre-training run elsewhere
+        return location.absolute(name)
+    return pretrain(cfg, replace(cell, arm=name), out, log)
+
+
 def finetune(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> dict:
     """The cross-validated search on the cell's labels, then one test evaluation."""
     from cmunet.training.finetune import patients_of
@@ -180,8 +192,13 @@ def finetune(cfg: StudyConfig, cell: Cell, init: str, out: Path, log) -> dict:
 
     arm = arm_of(cfg, cell.arm)
     splits = load_splits(location.join(cfg.data.shards, "splits.json"))
-    keys = budget_keys(splits, cfg.data.ratio, cell.budget, patients_of(cfg.data.shards),
-                       cell.seed)
+    patient_of = patients_of(cfg.data.shards)
+    if arm.labels == "random":
+        keys = budget_keys(splits, cfg.data.ratio, cell.budget, patient_of, cell.seed)
+    else:
+        encoder = label_encoder(cfg, cell, init, out, log)
+        keys = selected_keys(cfg.data.shards, splits, cfg.data.ratio, cell.budget, arm.labels,
+                             cell.seed, encoder, patient_of, out, log)
     tune_cfg = load_config(TuneConfig, config_file(cfg.tune_config), [
         *job_overrides(cfg.data.shards, cfg.data.ratio, out / "cells" / cell.name, cfg.tracking,
                        f"tune {cell.name}"),
@@ -210,7 +227,8 @@ def collect(cfg: StudyConfig, out: Path) -> list[dict]:
             continue
         metrics = json.loads(metrics_file.read_text())
         result = json.loads((folder / "result.json").read_text())
-        row = {"arm": cell.arm, "method": arm_of(cfg, cell.arm).method, "budget": cell.budget,
+        row = {"arm": cell.arm, "method": arm_of(cfg, cell.arm).method,
+               "labels": arm_of(cfg, cell.arm).labels, "budget": cell.budget,
                "n_labels": len(json.loads((folder / "model" / "result.json").read_text())
                                ["train_keys"]),
                "seed": cell.seed, "cv_dice": result["best"]["cv_dice"],

@@ -23,6 +23,11 @@ class Arm:
     # fine-tune from a periodic export of that pre-training (e.g. "epoch_0030", written with
     # train.export_epochs) instead of its final export: the doses of a dose-response study
     export: str = ""
+    # which frames a cell labels: "random" (seeded, patient by patient) or a cmunet-select
+    # strategy (typiclust, kcenter) run on the fine-tuning pool with a pre-trained encoder
+    labels: Literal["random", "typiclust", "kcenter"] = "random"
+    # the arm whose export embeds the pool, or an export path (with a "/"); "" = this arm's own
+    label_encoder: str = ""
 
 
 @dataclass

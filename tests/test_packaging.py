@@ -30,7 +30,7 @@ from test_package import PIP, build_wheel
 
 EXTRA_MODULES = ("deepspeed", "webdataset", "mlflow", "ray", "onnx", "onnxruntime", "highdicom")
 NEEDS = {"pretrain": "train", "finetune": "train", "evaluate": "train", "tune": "tune",
-         "study": "tune", "demo": "tune"}
+         "study": "tune", "demo": "tune", "select": "mlflow"}
 
 
 # ---- configs by name -------------------------------------------------------------------------
@@ -43,7 +43,8 @@ def test_shipped_configs_resolve_by_name(tmp_path, monkeypatch):
         assert paths.find_config(name, "pretrain") == expected, name
     assert paths.find_config("cpu", "tune") == ROOT / "configs/tune/cpu.yaml"
     assert paths.find_config("tiny") == ROOT / "configs/study/tiny.yaml"  # unique among all
-    with pytest.raises(paths.UnknownConfig, match="ambiguous: finetune/cpu, tune/cpu"):
+    with pytest.raises(paths.UnknownConfig,
+                       match="ambiguous: finetune/cpu, select/cpu, tune/cpu"):
         paths.find_config("cpu")
     with pytest.raises(paths.UnknownConfig, match=r"shipped: tune/cpu, tune/paper"):
         paths.find_config("cmunet-cpu", "tune")

@@ -45,6 +45,8 @@ JOBS = (
         "configs/finetune"),
     Job(("launch/tune.py",), "cmunet.training.tune_config:TuneConfig", "configs/tune"),
     Job(("launch/study.py",), "cmunet.study_config:StudyConfig", "configs/study"),
+    Job(("launch/select_frames.py", "tools/select_frames.py"),
+        "cmunet.selection.config:SelectConfig", "configs/select"),
     Job(("tools/shard.py",), "cmunet.data.sharding:ShardConfig", ""),
     Job(("launch/demo.py",), "cmunet.demo:DemoConfig", ""),
 )

@@ -3,10 +3,12 @@
 
     python launch/finetune.py --config configs/finetune/cpu.yaml data.shards=SHARDS init=EXPORT out=OUT
     python launch/finetune.py --config configs/finetune/cpu.yaml data.shards=SHARDS init=none out=OUT
+    python launch/finetune.py --config configs/finetune/cpu.yaml data.shards=SHARDS init=EXPORT out=OUT unlabelled.weight=0.5
 
-Validation images are carved out of the pool by patient; the test split is never read. Writes
-OUT/best.safetensors, OUT/config.yaml, OUT/history.csv and OUT/result.json, and one MLflow run.
-See docs/finetune.md.
+The third also trains on the split's unlabelled frames (consistency with an EMA teacher; off by
+default). Validation images are carved out of the pool by patient; the test split is never read.
+Writes OUT/best.safetensors, OUT/config.yaml, OUT/history.csv and OUT/result.json, and one MLflow
+run. See docs/finetune.md.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ exact array operations; a small-angle rotation and a random crop are composed in
 sampled bilinearly for the image and, for the mask, bilinearly then thresholded at 0.5 (so a mask
 equal to its image stays equal to the thresholded image, and stays binary). Borders reached by a
 rotation are filled by reflection, in the image and the mask alike. Intensity steps (brightness and
-contrast, Gaussian blur, Gaussian noise) change the image only.
+contrast, Gaussian blur, Gaussian noise, cutout) change the image only. Cutout (off by default; the
+strong view of semi-supervised fine-tuning uses it) sets a random rectangle to 0, the z-scored mean.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class AugmentConfig:
     max_blur_sigma: float = 1.0  # ... with sigma drawn in [0.25, this] pixels
     p_noise: float = 0.3  # probability of additive Gaussian noise ...
     max_noise_std: float = 0.1  # ... with std drawn in [0, this] (z-score units)
+    p_cutout: float = 0.0  # probability of a cutout: a rectangle set to 0 (the z-scored mean) ...
+    max_cutout: float = 0.5  # ... whose sides are drawn in [0, this] x the image sides
 
     def __post_init__(self):
         for f in fields(self):
@@ -56,6 +59,7 @@ class AugmentConfig:
         check(self.brightness >= 0, "brightness", "must be >= 0")
         check(self.max_blur_sigma >= 0.25, "max_blur_sigma", "must be >= 0.25 pixels")
         check(self.max_noise_std >= 0, "max_noise_std", "must be >= 0")
+        check(0.0 < self.max_cutout <= 1.0, "max_cutout", "must be in (0, 1]")
 
 
 class Augment:
@@ -84,6 +88,8 @@ class Augment:
             noise *= std
             noise += image
             image = noise
+        if c.p_cutout and rng.random() < c.p_cutout:  # no draw when off: runs stay as they were
+            image = cutout(image, rng, c.max_cutout)
         return image.astype(np.float32, copy=False), mask
 
 
@@ -92,6 +98,16 @@ def gaussian_noise(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarr
     reproducible): 2.6x faster than numpy's generator at 512² on one core."""
     gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
     return torch.randn(shape, generator=gen).numpy()
+
+
+def cutout(image: np.ndarray, rng: np.random.Generator, max_side: float) -> np.ndarray:
+    """A copy of ``image`` with a rectangle at a random place, its sides drawn in [0, ``max_side``]
+    x the image sides, set to 0."""
+    sides = np.round(rng.uniform(0.0, max_side, 2) * image.shape).astype(int)
+    top, left = (int(rng.integers(0, n - side + 1)) for n, side in zip(image.shape, sides))
+    out = image.copy()
+    out[top:top + sides[0], left:left + sides[1]] = 0.0
+    return out
 
 
 def make_augment(cfg: AugmentConfig) -> Augment | None:

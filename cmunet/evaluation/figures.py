@@ -263,3 +263,26 @@ def reconstruction_gallery(
     if title:
         figure.suptitle(title)
     return _save_png(figure, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Contact sheet
+# --------------------------------------------------------------------------------------------
+
+
+def contact_sheet(
+    images: Sequence[npt.ArrayLike],
+    titles: Sequence[str],
+    path: PathLike,
+    ncols: int = 6,
+    panel_size: float = 2.2,
+) -> Path:
+    """A grid of 2-D images, each titled (e.g. the frames picked for annotation, in pick order),
+    each on its own gray scale (see :func:`to_gray_uint8`)."""
+    if len(images) != len(titles):
+        raise ValueError(f"{len(images)} images but {len(titles)} titles")
+    figure, axes = _grid(len(images), ncols, panel_size)
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(to_gray_uint8(image), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(title, fontsize=7)
+    return _save_png(figure, path)

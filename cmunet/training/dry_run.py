@@ -89,10 +89,14 @@ def search_plan(cfg) -> str:
     pool = pool_keys(splits, "finetune", cfg.data.ratio)
     folds = patient_folds(pool, patients_of(cfg.data.shards), s.folds, cfg.seed, lambda m: None)
     if s.mode == "grid":
-        trials = [f"lr={lr:g} batch_size={b}" for lr in s.lr for b in s.batch_size]
+        weights = [f" unlabelled_weight={w:g}" for w in s.unlabelled_weight] or [""]
+        trials = [f"lr={lr:g} batch_size={b}{w}" for lr in s.lr for b in s.batch_size
+                  for w in weights]
     else:
         trials = [f"{s.samples} draws: lr log-uniform in [{min(s.lr):g}, {max(s.lr):g}], "
-                  f"batch_size in {list(s.batch_size)}"]
+                  f"batch_size in {list(s.batch_size)}"
+                  + (f", unlabelled_weight in {list(s.unlabelled_weight)}"
+                     if s.unlabelled_weight else "")]
     state = search_state(cfg)
     resume = Path(state).is_dir() and (Path(state) / "tuner.pkl").exists()
     lines = [f"dry run of the search into {cfg.out} (Ray not started)",

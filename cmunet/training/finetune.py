@@ -11,6 +11,9 @@ The pieces, each usable on its own:
 * :func:`carve_validation` -- hold out whole patients of the fine-tuning pool for validation.
 * :func:`run_finetune` -- the whole job: pool -> validation carve -> fit -> files and MLflow run.
 
+With ``unlabelled.weight`` > 0, :func:`fit` also trains on unlabelled frames, by consistency with
+an EMA teacher (:mod:`cmunet.training.semi`); with 0, the default, it is plain fine-tuning.
+
 Loss: cross-entropy + soft Dice of the foreground, 1:1. The soft Dice uses softmax probabilities
 (differentiable); the public reference thresholded before its Dice, so that term had no gradient.
 """
@@ -32,11 +35,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from cmunet.config import ConfigError, check, dump_config, flatten, save_config
+from cmunet.config import check, dump_config, flatten, save_config
 from cmunet.data import location
 from cmunet.data.augment import AugmentConfig, make_augment
-from cmunet.data.splits import POOLS, load_splits, parse_ratio, pool_keys
-from cmunet.data.stream import InMemorySet, collate, load_manifest
+from cmunet.data.index import SampleIndex
+from cmunet.data.splits import POOLS, check_ratio, load_splits, pool_keys
+from cmunet.data.stream import InMemorySet, collate, load_manifest, make_loader
 from cmunet.evaluation.metrics import dice
 from cmunet.log import logger
 from cmunet.models.export import LoadReport, load_export, load_into
@@ -46,6 +50,8 @@ from cmunet.tracking.mlflow_run import Tracker, TrackingConfig
 from cmunet.tracking.registry import resolve
 from cmunet.training.precision import (Precision, autocast, compile_modules, default_device,
                                        speedups, use_bf16)
+from cmunet.training.semi import (Consistency, TwoViews, UnlabelledConfig, unlabelled_keys,
+                                  unlabelled_stream)
 
 LOG = logger(__name__)
 WEIGHTS = "best.safetensors"
@@ -62,10 +68,7 @@ class DataConfig:
     remote: location.RemoteConfig = field(default_factory=location.RemoteConfig)
 
     def __post_init__(self):
-        try:
-            parse_ratio(self.ratio)
-        except ValueError as err:
-            raise ConfigError(str(err), key="ratio") from None
+        check_ratio(self.ratio)
         check(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
 
@@ -112,6 +115,8 @@ class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # semi-supervised fine-tuning on unlabelled frames (cmunet/training/semi.py); off by default
+    unlabelled: UnlabelledConfig = field(default_factory=UnlabelledConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(
         default_factory=lambda: TrackingConfig(experiment="cmunet-finetune"))
@@ -124,8 +129,11 @@ class FinetuneConfig:
 class FitResult:
     best_epoch: int  # 1-based
     best_val_dice: float
-    history: list[dict]  # per epoch: epoch, train_loss, val_dice, seconds
+    # per epoch: epoch, train_loss, val_dice, seconds (+ unlabelled_loss, confident and
+    # unlabelled_weight with unlabelled frames)
+    history: list[dict]
     best_state: dict[str, torch.Tensor]  # full UNet state dict of the best epoch, fp32 on CPU
+    n_unlabelled: int = 0  # unlabelled frames trained on (0: plain fine-tuning)
 
 
 # ---- model -------------------------------------------------------------------------------------
@@ -182,8 +190,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 # ---- data --------------------------------------------------------------------------------------
 
 def patients_of(shards: str | Path) -> dict[str, str]:
-    """Sample key -> patient group, from the shards' manifest."""
-    return {s["key"]: s["patient"] for s in load_manifest(shards)["samples"]}
+    """Sample key -> patient group, from the shards' index."""
+    return SampleIndex.open(shards).patient_of()
 
 
 def carve_validation(keys: Sequence[str], patient_of: dict[str, str], fraction: float,
@@ -250,9 +258,10 @@ def mean_dice(preds: Sequence[np.ndarray], data: InMemorySet) -> float:
 
 
 def train_epoch(model: UNet, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                device: torch.device, bf16: bool) -> float:
-    """One pass over the training data; returns the mean loss over batches. The losses are
-    summed on the device and read once, at the end (a read per batch stalls a GPU)."""
+                device: torch.device, bf16: bool, semi: Consistency | None = None) -> float:
+    """One pass over the training data; returns the mean supervised loss over batches. The
+    losses are summed on the device and read once, at the end (a read per batch stalls a GPU).
+    ``semi`` adds its consistency loss to every step and updates its teacher after it."""
     model.train()
     total, batches = torch.zeros((), device=device), 0
     for batch in loader:
@@ -264,9 +273,13 @@ def train_epoch(model: UNet, loader: DataLoader, optimizer: torch.optim.Optimize
         loss = segmentation_loss(logits, target)
         total += loss.detach().float()
         batches += 1
+        if semi is not None:
+            loss = loss + semi.loss(model)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if semi is not None:
+            semi.update(model)
     mean = float(total) / max(batches, 1)
     if not math.isfinite(mean):
         raise FloatingPointError(f"non-finite loss {mean}: lower train.lr "
@@ -286,6 +299,8 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
     With no ``val_keys`` (the final retraining of the search on the whole pool) nothing is
     validated: ``val_dice`` is NaN and the weights after the last epoch are returned.
     ``device``: default :func:`default_device` (a Ray trial passes the GPU Ray gave it, or CPU).
+    With ``unlabelled.weight`` > 0 it also reads the unlabelled frames of
+    :func:`cmunet.training.semi.unlabelled_keys` (from the splits file: its non-test pool).
     """
     if not train_keys:
         raise ValueError("fit needs training keys, got none")
@@ -314,13 +329,20 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay, fused=pin or None)
     result = FitResult(0, -1.0, [], {})
+    semi = None  # weight 0: nothing of semi-supervision is built, no extra random draw
+    if cfg.unlabelled.weight > 0:
+        semi, result.n_unlabelled = _consistency(cfg, model, train_keys, val_keys, device, bf16,
+                                                 pin)
     for epoch in range(1, cfg.train.epochs + 1):
         start = time.perf_counter()
         train_set.epoch = epoch  # new augmentations every epoch
-        loss = train_epoch(model, train_loader, optimizer, device, bf16)
+        if semi is not None:
+            semi.start_epoch(epoch)
+        loss = train_epoch(model, train_loader, optimizer, device, bf16, semi)
         val_dice = (mean_dice(predict(model, val_loader, device, bf16), val_set)
                     if val_set is not None else math.nan)
         row = {"epoch": epoch, "train_loss": loss, "val_dice": val_dice,
+               **(semi.summary() if semi is not None else {}),
                "seconds": time.perf_counter() - start}
         result.history.append(row)
         if val_dice > result.best_val_dice:
@@ -332,6 +354,21 @@ def fit(cfg: FinetuneConfig, train_keys: Sequence[str], val_keys: Sequence[str],
         result.best_epoch, result.best_val_dice = cfg.train.epochs, math.nan
         result.best_state = cpu_state(model)
     return result
+
+
+def _consistency(cfg: FinetuneConfig, model: UNet, train_keys: Sequence[str],
+                 val_keys: Sequence[str], device: torch.device, bf16: bool,
+                 pin: bool) -> tuple[Consistency, int]:
+    """The unlabelled half of :func:`fit` (``unlabelled.weight`` > 0) and its number of frames:
+    ``unlabelled.ratio`` unlabelled images per labelled image of a full batch."""
+    u = cfg.unlabelled
+    folder, keys = unlabelled_keys(u.source, cfg.data.shards, train_keys, val_keys,
+                                   patients_of(cfg.data.shards))
+    batch = max(1, round(u.ratio * min(cfg.train.batch_size, len(train_keys))))
+    views = TwoViews(make_augment(cfg.augment), make_augment(u.strong))
+    stream = unlabelled_stream(folder, keys, batch, views, cfg.seed)
+    batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=pin))
+    return Consistency(u, model, batches, device, bf16), len(keys)
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -376,7 +413,7 @@ def run_finetune(cfg: FinetuneConfig, log: Callable[[str], None] = LOG.info) -> 
                    "ratio": cfg.data.ratio, "n_train": len(train_keys), "n_val": len(val_keys),
                    "val_patients": sorted({patient_of[k] for k in val_keys}),
                    "train_keys": train_keys, "val_keys": val_keys,
-                   "seconds": time.perf_counter() - start}
+                   "n_unlabelled": result.n_unlabelled, "seconds": time.perf_counter() - start}
         save_outputs(result, summary, cfg, out)
         tracker.log_metrics({"best_val_dice": result.best_val_dice,
                              "best_epoch": result.best_epoch}, step=cfg.train.epochs)
@@ -397,11 +434,13 @@ def _epoch_logger(epochs: int, tracker: Tracker,
     best = [-1.0]
 
     def on_epoch(row: dict) -> None:
-        tracker.log_metrics({"train_loss": row["train_loss"], "val_dice": row["val_dice"]},
+        tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "seconds")},
                             step=row["epoch"])
         mark = " *" if row["val_dice"] > best[0] else ""
         best[0] = max(best[0], row["val_dice"])
-        log(f"epoch {row['epoch']:>3}/{epochs}  loss {row['train_loss']:.4f}  "
+        semi = (f"  unlabelled {row['unlabelled_loss']:.4f} x {row['unlabelled_weight']:.3g} "
+                f"({row['confident']:.0%} confident)" if "unlabelled_loss" in row else "")
+        log(f"epoch {row['epoch']:>3}/{epochs}  loss {row['train_loss']:.4f}{semi}  "
             f"val Dice {row['val_dice']:.4f}{mark}  ({row['seconds']:.1f} s)")
 
     return on_epoch
@@ -429,7 +468,8 @@ def write_preprocessing(shards: str | Path, path: Path) -> None:
 
 def write_history(history: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "val_dice", "seconds"])
+        columns = list(history[0]) if history else ["epoch", "train_loss", "val_dice", "seconds"]
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
 

@@ -22,21 +22,23 @@ from cmunet.training.finetune import FinetuneConfig
 from cmunet.training.folds import Folds
 from cmunet.training.trial import run_trial
 from cmunet.training.trial_log import TrialLog
-from cmunet.training.tune_config import (SEARCHED, SearchConfig, TuneConfig, search_state,
-                                         storage_root)
+from cmunet.training.tune_config import (OPTIONAL, SEARCHED, SearchConfig, TuneConfig,
+                                         search_state, searched, storage_root)
 
 if TYPE_CHECKING:
     import torch
 
 
 def param_space(search: SearchConfig) -> dict:
-    """Ray Tune's space of :data:`SEARCHED`: a grid of every value, or random draws (lr
-    log-uniform between the smallest and the largest of ``search.lr``)."""
+    """Ray Tune's space of :func:`searched`: a grid of every value, or random draws (lr
+    log-uniform between the smallest and the largest of ``search.lr``, the others one of their
+    values)."""
+    names = searched(search)
     if search.mode == "grid":
-        return {name: tune.grid_search(list(getattr(search, name))) for name in SEARCHED}
+        return {name: tune.grid_search(list(getattr(search, name))) for name in names}
     low, high = min(search.lr), max(search.lr)
     return {"lr": tune.loguniform(low, high) if low < high else low,
-            "batch_size": tune.choice(list(search.batch_size))}
+            **{name: tune.choice(list(getattr(search, name))) for name in names[1:]}}
 
 
 def search(cfg: TuneConfig, settings: FinetuneConfig, folds: Folds,
@@ -127,14 +129,15 @@ def _fit(tuner: tune.Tuner, path: str) -> ResultGrid:
 
 
 def trials_table(results: ResultGrid, folds: int) -> list[dict]:
-    """One row per trial, by trial id: ``trial_id``, ``lr``, ``batch_size``, ``status``
+    """One row per trial, by trial id: ``trial_id``, ``lr``, ``batch_size`` (and
+    ``unlabelled_weight`` where searched), ``status``
     (COMPLETED: all folds; STOPPED: early, by ASHA; ERROR: failed on every attempt), the last
     reported :func:`cmunet.training.cross_validation.cv_metrics` and the ``error``."""
     rows = []
     for result in results:
         metrics = result.metrics
-        row = {"trial_id": metrics["trial_id"], "lr": result.config["lr"],
-               "batch_size": result.config["batch_size"],
+        row = {"trial_id": metrics["trial_id"],
+               **{k: v for k, v in result.config.items() if k in (*SEARCHED, *OPTIONAL)},
                **{k: v for k, v in metrics.items() if k.startswith(("cv_", "fold"))}}
         if result.error is not None:
             lines = [line for line in str(result.error).splitlines() if line.strip()]

@@ -8,7 +8,6 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -20,6 +19,7 @@ from cmunet.log import logger
 from cmunet.training.cross_validation import FoldScore, Report, cross_validate
 from cmunet.training.finetune import FinetuneConfig
 from cmunet.training.folds import Folds
+from cmunet.training.tune_config import trial_settings
 
 LOG = logger(__name__)
 FOLDS_FILE = "folds.json"  # in a trial's checkpoint: [{"key", "dice", "epoch"}] of finished folds
@@ -28,14 +28,14 @@ FOLDS_FILE = "folds.json"  # in a trial's checkpoint: [{"key", "dice", "epoch"}]
 def run_trial(config: dict, *, settings: FinetuneConfig, folds: Folds,
               initial_state: dict[str, torch.Tensor], every_epoch: bool, threads: int) -> None:
     """What each Ray trial runs: :func:`cross_validate` with the trial's ``lr`` and
-    ``batch_size``, reporting to Ray Tune (with the id of the Ray node it runs on).
+    ``batch_size`` (and ``unlabelled_weight`` where searched), reporting to Ray Tune (with the
+    id of the Ray node it runs on).
 
     The report that ends a fold carries a Ray checkpoint of the finished folds' scores, each
     under its :func:`fold_key`; a trial restored after an interruption (or retried after a
     failure) reads them back and trains only the folds after them."""
     torch.set_num_threads(threads)
-    cfg = replace(settings, train=replace(settings.train, lr=float(config["lr"]),
-                                          batch_size=int(config["batch_size"])))
+    cfg = trial_settings(settings, config)
     weights = state_digest(initial_state)
     keys = [fold_key(cfg, fold, weights) for fold in folds]
     done = finished_folds(tune.get_checkpoint(), keys)

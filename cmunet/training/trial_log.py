@@ -28,10 +28,14 @@ class TrialLog(tune.Callback):
         if trial.trial_id in self._runs:  # a retry: same run
             return
         lr, batch = trial.config["lr"], trial.config["batch_size"]
+        weight = trial.config.get("unlabelled_weight")
+        extra = {} if weight is None else {"unlabelled.weight": weight}
         self._runs[trial.trial_id] = Tracker(
-            self.tracking, run_name=f"trial-{trial.trial_id} lr={lr:.3g} batch={batch}",
+            self.tracking, run_name=f"trial-{trial.trial_id} lr={lr:.3g} batch={batch}"
+            + ("" if weight is None else f" unlabelled={weight:g}"),
             parent_run_id=self.parent_run_id, shards=self.shards, system_metrics=False,
-            params={"train.lr": lr, "train.batch_size": batch, "trial_id": trial.trial_id})
+            params={"train.lr": lr, "train.batch_size": batch, **extra,
+                    "trial_id": trial.trial_id})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {k: v for k, v in result.items() if k.startswith(("cv_", "fold"))}

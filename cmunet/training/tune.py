@@ -8,8 +8,9 @@ One search (:func:`run_tune`), in order (see docs/tuning.md):
    study) is split into ``search.folds`` folds by patient
    (:func:`cmunet.training.folds.patient_folds`); the initial weights are built once
    (:func:`build_model`: the export's encoder and decoder, or seeded random weights).
-2. Each hyper-parameter configuration (``search.lr`` x ``search.batch_size``, a grid or random
-   draws) is one Ray trial (:func:`cmunet.training.search.search`), running
+2. Each hyper-parameter configuration (``search.lr`` x ``search.batch_size``, x
+   ``search.unlabelled_weight`` when it lists values; a grid or random draws) is one Ray trial
+   (:func:`cmunet.training.search.search`), running
    :func:`cmunet.training.trial.run_trial`: every fold is fine-tuned with :func:`fit` from the
    SAME initial state dict, and the objective ``cv_dice`` is the mean over folds of the best
    validation Dice (:func:`cmunet.training.cross_validation.cross_validate`). Each finished
@@ -56,7 +57,8 @@ from cmunet.training.folds import patient_folds, write_folds
 from cmunet.training.ray_local import ray_session
 from cmunet.training.search import search
 from cmunet.training.trial import ray_device, run_trial
-from cmunet.training.tune_config import TuneConfig, absolute, finetune_settings, local_init
+from cmunet.training.tune_config import (TuneConfig, absolute, finetune_settings, local_init,
+                                         trial_settings)
 from cmunet.training.tune_results import (choose, edge_labels, edge_of_grid, retrain_epochs,
                                           write_table)
 from cmunet.training.winner import evaluate_once, export_winner, register, save_model
@@ -125,6 +127,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = LOG.info,
         test = evaluate_once(final, model_dir, out / "test", log)
         parent.log_params({"best.trial_id": best["trial_id"], "best.lr": best["lr"],
                            "best.batch_size": best["batch_size"],
+                           "best.unlabelled_weight": final.unlabelled.weight,
                            "best.epochs": final.train.epochs})
         parent.log_metrics({"best_cv_dice": best["cv_dice"],
                             "best_cv_dice_std": best["cv_dice_std"], **test}, step=0)
@@ -158,11 +161,13 @@ def retrain(cfg: TuneConfig, best: dict, folds: int, pool: list[str],
     :func:`retrain_epochs`, without validation, as a Ray task with a trial's resources (on a
     cluster, where the trials ran). Returns its config (``out`` = OUT/model) and result."""
     epochs = retrain_epochs(best, folds)
-    log(f"best: trial {best['trial_id']}, lr {best['lr']:.3g}, batch {best['batch_size']}: "
-        f"cv Dice {best['cv_dice']:.4f} ± {best['cv_dice_std']:.4f}; retraining on the whole "
-        f"pool ({len(pool)} images) for {epochs} epochs")
-    final = replace(finetune_settings(cfg, lr=float(best["lr"]), batch_size=int(best["batch_size"]),
-                                      epochs=epochs), out=str(Path(cfg.out) / "model"))
+    weight = (f", unlabelled weight {best['unlabelled_weight']:g}"
+              if "unlabelled_weight" in best else "")
+    log(f"best: trial {best['trial_id']}, lr {best['lr']:.3g}, batch {best['batch_size']}"
+        f"{weight}: cv Dice {best['cv_dice']:.4f} ± {best['cv_dice_std']:.4f}; retraining on the "
+        f"whole pool ({len(pool)} images) for {epochs} epochs")
+    final = replace(trial_settings(finetune_settings(cfg, epochs=epochs), best),
+                    out=str(Path(cfg.out) / "model"))
     s = cfg.search
     task = ray.remote(_retrain).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial)
     return final, ray.get(task.remote(final, pool, initial_state, max(1, int(s.cpus_per_trial))))

@@ -14,15 +14,19 @@ from cmunet.data.augment import AugmentConfig
 from cmunet.tracking.mlflow_run import TrackingConfig, resolve_uri
 from cmunet.tracking.registry import is_mlflow_uri
 from cmunet.training.finetune import DataConfig, EvalConfig, FinetuneConfig, TrainConfig
+from cmunet.training.semi import UnlabelledConfig
 
 SEARCHED = ("lr", "batch_size")  # the hyper-parameters a trial sets (search.<name> lists)
+OPTIONAL = ("unlabelled_weight",)  # ... and these, when their search.<name> lists values
 
 
 @dataclass
 class SearchConfig:
     lr: list[float] = field(default_factory=lambda: [1e-2, 1e-3, 1e-4, 1e-5])
     batch_size: list[int] = field(default_factory=lambda: [16, 32])
-    mode: Literal["grid", "random"] = "grid"  # grid: every lr x batch_size once
+    # weights of the unlabelled loss to search (replacing unlabelled.weight); [] = not searched
+    unlabelled_weight: list[float] = field(default_factory=list)
+    mode: Literal["grid", "random"] = "grid"  # grid: every lr x batch_size (x weight) once
     samples: int = 8  # random mode: configurations drawn (lr log-uniform in [min, max] of lr)
     asha: bool = False  # stop poor trials early (ASHA on the running cv_dice, reported per epoch)
     grace_period: int = 0  # ASHA: epochs (over folds) before a trial may be stopped; 0 = one fold
@@ -47,6 +51,8 @@ class SearchConfig:
         check(len(self.lr) > 0 and all(v > 0 for v in self.lr), "lr", "must be positive values")
         check(len(self.batch_size) > 0 and all(v > 0 for v in self.batch_size), "batch_size",
               "must be positive values")
+        check(all(v >= 0 for v in self.unlabelled_weight), "unlabelled_weight",
+              "must be values >= 0 (0 = no unlabelled frames)")
         check(self.samples > 0, "samples", "must be positive")
         check(self.grace_period >= 0, "grace_period", "must be >= 0")
         check(self.folds >= 2, "folds", "must be >= 2")
@@ -61,7 +67,8 @@ class SearchConfig:
 class TuneConfig:
     """The fine-tuning settings of :class:`FinetuneConfig` (same keys, except ``model``) plus the
     search. ``search.lr`` and ``search.batch_size`` replace ``train.lr`` and ``train.batch_size`` in
-    every trial; ``data.val_fraction`` is not used (the folds are the validation sets)."""
+    every trial (and ``search.unlabelled_weight``, when it lists values, ``unlabelled.weight``);
+    ``data.val_fraction`` is not used (the folds are the validation sets)."""
 
     init: str = "none"  # pre-training export, runs:/ or models:/ URI, or "none"
     out: str = ""  # output folder
@@ -72,6 +79,8 @@ class TuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # semi-supervised fine-tuning on unlabelled frames (cmunet/training/semi.py); off by default
+    unlabelled: UnlabelledConfig = field(default_factory=UnlabelledConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(
@@ -89,7 +98,24 @@ def finetune_settings(cfg: TuneConfig, **train: Any) -> FinetuneConfig:
     """The fine-tuning config of the search, ``train`` fields replaced (lr, batch_size, ...)."""
     return FinetuneConfig(init=cfg.init, out=cfg.out, seed=cfg.seed, model_width=cfg.model_width,
                           data=cfg.data, train=replace(cfg.train, **train), augment=cfg.augment,
-                          eval=cfg.eval, tracking=cfg.tracking)
+                          unlabelled=cfg.unlabelled, eval=cfg.eval, tracking=cfg.tracking)
+
+
+def searched(search: SearchConfig) -> tuple[str, ...]:
+    """The hyper-parameters a trial sets: :data:`SEARCHED`, and those of :data:`OPTIONAL` whose
+    ``search.<name>`` lists values."""
+    return SEARCHED + tuple(name for name in OPTIONAL if getattr(search, name))
+
+
+def trial_settings(settings: FinetuneConfig, config: dict) -> FinetuneConfig:
+    """``settings`` with a trial's (or the winner's) hyper-parameters: ``config["lr"]``,
+    ``config["batch_size"]`` and, where searched, ``config["unlabelled_weight"]``."""
+    cfg = replace(settings, train=replace(settings.train, lr=float(config["lr"]),
+                                          batch_size=int(config["batch_size"])))
+    if "unlabelled_weight" in config:
+        weight = float(config["unlabelled_weight"])
+        cfg = replace(cfg, unlabelled=replace(cfg.unlabelled, weight=weight))
+    return cfg
 
 
 def local_init(cfg: TuneConfig) -> str | None:

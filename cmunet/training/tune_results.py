@@ -9,12 +9,14 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from cmunet.training.tune_config import SEARCHED, SearchConfig
+from cmunet.training.tune_config import OPTIONAL, SearchConfig, searched
 
 
 def write_table(table: Sequence[dict], folds: int, path: Path) -> None:
     """trials.csv: one row per trial (:func:`cmunet.training.search.trials_table`)."""
-    columns = ["trial_id", "lr", "batch_size", "status", "cv_dice", "cv_dice_std", "folds_done",
+    optional = [name for name in OPTIONAL if any(name in row for row in table)]
+    columns = ["trial_id", "lr", "batch_size", *optional, "status", "cv_dice", "cv_dice_std",
+               "folds_done",
                *[f"fold{k}_{m}" for k in range(1, folds + 1) for m in ("dice", "best_epoch")],
                "error"]
     with path.open("w", newline="") as f:
@@ -33,18 +35,19 @@ def choose(table: Sequence[dict]) -> dict:
 
 
 def edge_of_grid(best: dict, search: SearchConfig) -> list[str]:
-    """One warning per searched dimension (:data:`SEARCHED`) of two or more values whose
+    """One warning per searched dimension (:func:`searched`) of two or more values whose
     winning value is the smallest or the largest of them: the optimum may lie beyond the grid.
     A message starts with its short form, up to the first ": " (:func:`edge_labels`), e.g.
     ``lr=0.001 (top of [0.0001, 0.001])``. A two-value grid always has its winner on an edge;
-    in random mode a drawn lr lies inside its range and is flagged only at an end of it."""
+    in random mode a drawn lr lies inside its range and is flagged only at an end of it. A
+    bottom of 0 (an unlabelled weight of 0: off) is no edge: nothing lies below it."""
     messages = []
-    for name in SEARCHED:
+    for name in searched(search):
         grid, value = sorted(set(getattr(search, name))), best[name]
         if len(grid) < 2:
             continue
         edge = ("top" if math.isclose(value, grid[-1]) else
-                "bottom" if math.isclose(value, grid[0]) else "")
+                "bottom" if math.isclose(value, grid[0]) and grid[0] > 0 else "")
         if edge:
             values = ", ".join(f"{v:g}" for v in grid)
             messages.append(f"{name}={value:g} ({edge} of [{values}]): the optimum may lie "
