@@ -32,9 +32,10 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PREEMPTED = 75  # exit code of a job stopped by a signal after a complete checkpoint
 TERMINATED = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
@@ -174,6 +175,21 @@ def _parent_of(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[1])
 
 
+def live_processes() -> Iterator[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every process that has not ended (zombies left
+    out); Linux /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+        if fields[0] not in ("Z", "X"):
+            yield int(entry.name), int(fields[1]), int(fields[2])
+
+
 def launcher_name(words: list[str]) -> str | None:
     """``deepspeed``, ``deepspeed.launcher.launch``, ``torchrun`` ... when the command line
     ``words`` runs one: as the program, or as Python's script or ``-m`` module."""
@@ -268,6 +284,8 @@ class StopRequest:
 
     def agreed(self, device: torch.device | None = None) -> int:
         """The signal any rank received (0 = none), the same on every rank."""
+        import torch  # here: cmunet-job and the loader workers' set-up need no torch
+
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
                 or torch.distributed.get_world_size() == 1:
             return self.signum

@@ -21,8 +21,10 @@ from safetensors.torch import save_file
 from conftest import ROOT
 
 COMMANDS = ["shard", "pretrain", "finetune", "evaluate", "tune", "segment", "study", "demo",
-            "synth"]
+            "synth", "select", "job"]
 TOOLS = ("shard", "synth")  # their wrappers are tools/<name>.py, the others launch/<name>.py
+# wrappers named otherwise: launch/select.py would hide the standard library's select module
+WRAPPER_NAMES = {"select": "select_frames"}
 TRAINING_STACK = ("deepspeed", "webdataset", "ray", "mlflow")
 
 
@@ -40,8 +42,18 @@ def test_every_command_is_a_console_script_and_a_wrapper():
         module, function = scripts[f"cmunet-{name}"].split(":")
         assert module == f"cmunet.cli.{name}" and function == "main"
         assert callable(getattr(importlib.import_module(module), "main"))
-        wrapper = ROOT / ("tools" if name in TOOLS else "launch") / f"{name}.py"
+        wrapper = (ROOT / ("tools" if name in TOOLS else "launch")
+                   / f"{WRAPPER_NAMES.get(name, name)}.py")
         assert f"from cmunet.cli.{name} import main" in wrapper.read_text(), wrapper
+
+
+def test_no_script_hides_a_standard_library_module():
+    """A script's folder comes first on sys.path, so tools/select.py would be what `import
+    select` (subprocess needs it) finds for every script in tools/."""
+    scripts = [p for folder in ("launch", "tools") for p in (ROOT / folder).glob("*.py")]
+    hiding = [p.relative_to(ROOT).as_posix() for p in scripts
+              if p.stem in sys.stdlib_module_names]
+    assert scripts and not hiding, hiding
 
 
 def test_pretraining_subprocess_runs_the_module():

@@ -1,8 +1,9 @@
 """Preemption under the launchers (docs/multinode.md, "What a signal does under each launcher").
 
 Two CPU ranks pre-train under ``deepspeed --num_gpus 2`` and ``torchrun --nproc-per-node 2``;
-SIGTERM goes to one process or to many of them: the ``deepspeed`` runner, its
-``deepspeed.launcher.launch``, the whole process group, one rank alone, torchrun's agent, and
+SIGTERM goes to one process or to many of them: ``cmunet-job`` around the ``deepspeed`` runner
+(and the runner, its launcher or their process group under it: 75 each time), the runner alone,
+its ``deepspeed.launcher.launch``, the whole process group, one rank alone, torchrun's agent, and
 every process of the job (agent, ranks, DataLoader workers: what SLURM does to a job step). Each
 time both ranks write the checkpoint of the step they are at, rank 0 writes ``preempted.json``,
 the ranks exit with 75, and no process of the job is left.
@@ -33,17 +34,19 @@ from cmunet.training.distributed import free_port
 from cmunet.training.rendezvous import loopback_interface
 
 BIN = Path(sys.executable).parent
-STEPS = 16  # 2 epochs of 8 steps
-TINY = [*TINY_PRETRAIN, "train.epochs=2", "train.steps_per_epoch=8",
+STEPS = 24  # 2 epochs of 12 steps
+TINY = [*TINY_PRETRAIN, "train.epochs=2", "train.steps_per_epoch=12",
         "train.checkpoint_every=1000", "train.log_every=1", "train.figure_every=100",
         "data.ratio=50-30"]
 ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": loopback_interface() or "lo"}
-CASES = ("runner", "launcher", "group", "one_rank", "torchrun_agent", "torchrun_every_process")
+CASES = ("job", "job_runner", "job_launcher", "job_group", "runner", "launcher", "group", "one_rank", "torchrun_agent", "torchrun_every_process")
 
 
 def command(launcher: str, shards: Path, out: Path) -> list[str]:
     script = [str(ROOT / "launch/pretrain.py"), *TINY, f"data.shards={shards}", f"out={out}",
               f"tracking.uri=sqlite:///{out.parent / 'mlflow.db'}"]
+    if launcher == "job":  # cmunet-job around the deepspeed runner
+        return [sys.executable, "-m", "cmunet.cli.job", *command("deepspeed", shards, out)]
     if launcher == "deepspeed":
         return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                 *script]
@@ -113,7 +116,10 @@ class Stop:
 
 def signal_case(case: str, tree: list[psutil.Process]) -> None:
     root = tree[0]
-    if case in ("runner", "torchrun_agent"):
+    if case.startswith("job_"):  # under cmunet-job: its child, the runner, is the root
+        [runner] = [p for p in tree if p.ppid() == root.pid]
+        tree, root, case = tree[1:], runner, case[len("job_"):]
+    if case in ("job", "runner", "torchrun_agent"):
         root.send_signal(signal.SIGTERM)
     elif case == "launcher":  # deepspeed.launcher.launch, the runner's child
         [launch] = [p for p in tree if p.ppid() == root.pid]
@@ -132,7 +138,8 @@ def signal_case(case: str, tree: list[psutil.Process]) -> None:
 
 
 def interrupt(case: str, shards: Path, out: Path, log: Path, resumed_from: int) -> Stop:
-    launcher = "torchrun" if case.startswith("torchrun") else "deepspeed"
+    launcher = "torchrun" if case.startswith("torchrun") else "job" if case.startswith("job") \
+        else "deepspeed"
     start = time.monotonic()
     with log.open("w") as stream:
         process = subprocess.Popen(command(launcher, shards, out), cwd=out.parent,
@@ -201,7 +208,7 @@ def next_after(case: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the first one runs the whole chain: 8 launches
+@pytest.mark.timeout(1800)  # the first one runs the whole chain: 12 launches
 @pytest.mark.parametrize("case", CASES)
 def test_a_signal_checkpoints_at_its_step_and_leaves_no_process(case, chain, reference):
     assert case in chain, f"an earlier case failed: {list(chain)}"
@@ -220,14 +227,16 @@ def test_a_signal_checkpoints_at_its_step_and_leaves_no_process(case, chain, ref
     assert "DataLoader worker" not in stop.text, tail
     assert not stop.survivors, stop.survivors
     # what the process started (what a shell or a job script sees) exits with
-    expected = {"runner": -signal.SIGTERM,  # the runner dies at once (143 in a shell)
+    expected = {"job": 75,  # cmunet-job: once every process has ended after the checkpoint
+                "job_runner": 75, "job_launcher": 75, "job_group": 75,  # wherever it lands
+                "runner": -signal.SIGTERM,  # the runner dies at once (143 in a shell)
                 "group": -signal.SIGTERM,  # the runner too; its ranks go on to the checkpoint
                 "launcher": 1,  # deepspeed.launcher.launch exits 1 after a signal, always
                 "one_rank": 75,  # the launcher passes on the first rank's 75
                 "torchrun_agent": 1,  # torchrun exits 1 after a signal (SignalException)
                 "torchrun_every_process": 1}[case]
     assert stop.rc == expected, (stop.rc, tail)
-    if case == "runner":  # the orphaned launcher saw its ranks exit with 75
+    if case in ("runner", "job_runner"):  # the orphaned launcher saw its ranks exit with 75
         assert "exits with return code = 75" in stop.text, tail
         assert "the launcher deepspeed (pid" in stop.text, tail
     # this segment's losses, and those of the relaunch that resumed from its checkpoint

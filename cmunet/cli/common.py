@@ -11,7 +11,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import cmunet
 from cmunet import extras
@@ -28,9 +28,11 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "cmunet-finetune": ("train", "fine-tuning of the segmentation UNet"),
     "cmunet-evaluate": ("train", "evaluation on the test split"),
     "cmunet-tune": ("tune", "the cross-validated fine-tuning search on Ray Tune"),
+    "cmunet-select": ("mlflow", "which frames to annotate, chosen with the pre-trained encoder"),
     "cmunet-segment": (None, "segmentation of new angiograms with a fine-tuned model"),
     "cmunet-study": ("tune", "a whole study: pre-training arms x label budgets x seeds"),
     "cmunet-demo": ("tune", "the whole pipeline on synthetic angiograms, no data needed"),
+    "cmunet-job": (None, "a launcher's command as one job that stops cleanly on a signal"),
 }
 
 
@@ -94,6 +96,18 @@ def _summary(path, width: int = 76) -> str:
     text = " ".join(words)
     text = text[: text.index(". ") + 1] if ". " in text else text
     return text if len(text) <= width else text[: width - 3].rsplit(" ", 1)[0] + " ..."
+
+
+def exit_status(job: Callable[[], object],
+                errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)) -> int:
+    """Run ``job``: 0, or 2 with the one line ``error: ...`` on stderr for a user error
+    (``errors``: a bad input or setting, named in the message)."""
+    try:
+        job()
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def command_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:

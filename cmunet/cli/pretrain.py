@@ -28,6 +28,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointErro
 def main(argv: list[str] | None = None) -> int:
     argv = start("cmunet-pretrain", argv)  # --version; one line if the 'train' extra is missing
     from cmunet.config import parse_command
+    from cmunet.job import mark_preempted
     from cmunet.preempt import PREEMPTED, Preempted
     from cmunet.training.pretrain import pretrain
     from cmunet.training.pretrain_config import PretrainConfig
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         # (deepspeed, torchrun) sends SIGTERM to this one too; it must not change the exit code
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"preempted: {stop}", file=sys.stderr)
+        mark_preempted()  # for a cmunet-job around the launcher
         return PREEMPTED
     except (*USER_ERRORS, RendezvousError) as err:  # a port in use: one line, no traceback
         print(f"error: {err}", file=sys.stderr)

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = start("cmunet-study", argv)  # --version; one line if the 'tune' extra is missing
     from cmunet.config import parse_cli
     from cmunet.outdir import OutputError
+    from cmunet.job import mark_preempted
     from cmunet.preempt import PREEMPTED, Interrupted, signals_interrupt
     from cmunet.study import StudyConfig, run_study
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
             out = run_study(cfg)
     except Interrupted as stop:  # the running search or pre-training saved its state first
         print(f"stopped: {stop}", file=sys.stderr)
+        mark_preempted()
         return PREEMPTED
     except OutputError as err:  # out= is, holds or lies inside an input
         print(f"error: {err}", file=sys.stderr)

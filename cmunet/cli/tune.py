@@ -24,6 +24,7 @@ from cmunet.cli.common import start
 def main(argv: list[str] | None = None) -> int:
     argv = start("cmunet-tune", argv)  # --version; one line if the 'tune' extra is missing
     from cmunet.config import parse_command
+    from cmunet.job import mark_preempted
     from cmunet.preempt import PREEMPTED, Interrupted
     from cmunet.training.tune import TuneConfig, run_tune
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         run_tune(cfg)
     except Interrupted as stop:
         print(f"interrupted: {stop}", file=sys.stderr)
+        mark_preempted()
         return PREEMPTED
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

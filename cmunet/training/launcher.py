@@ -5,19 +5,23 @@ installed wheel as well as from a checkout) runs under a launcher (``deepspeed -
 ``torchrun --nproc_per_node 2``) or plain Python. Two jobs on one machine must not share the
 launcher's default rendezvous port, so a free port is added unless the launcher names one. The
 launcher is taken from this Python's environment when it is installed there, so that
-``.venv/bin/python launch/demo.py`` works without activating the environment.
+``.venv/bin/python launch/demo.py`` works without activating the environment. The command runs
+in a process group of its own; a stopped study sends SIGTERM to that group and waits until each
+of its processes has ended (:func:`stop_group`), so no rank outlives it.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cmunet.data import location
-from cmunet.preempt import PREEMPTED, Interrupted
+from cmunet.preempt import PREEMPTED, Interrupted, live_processes
 from cmunet.tracking.mlflow_run import TrackingConfig
 from cmunet.training.distributed import free_port
 
@@ -60,15 +64,13 @@ def run_logged(command: list[str], log_file: Path, what: str) -> None:
     with log_file.open("a") as stream:
         stream.write(f"$ {shlex.join(command)}\n")
         stream.flush()
-        child = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
+        # a process group of its own: the launcher, its ranks and their loader workers
+        child = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
         try:
             code = child.wait()
         except BaseException:  # a stop request (Interrupted, KeyboardInterrupt) or a bug
-            child.send_signal(signal.SIGTERM)  # the job writes its checkpoint and exits 75
-            try:
-                child.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            stop_group(child)
             raise
     if code == PREEMPTED:
         raise Interrupted(f"{what} was stopped by a signal after writing its checkpoint; see "
@@ -78,3 +80,23 @@ def run_logged(command: list[str], log_file: Path, what: str) -> None:
 
 
 STOP_GRACE_S = 600  # how long a stopped study waits for its pre-training's checkpoint
+
+
+def stop_group(child: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM to every process of ``child``'s group (the job writes its checkpoint and exits
+    75), then wait until none is left -- also the ranks of a launcher that died at once (the
+    ``deepspeed`` runner), which keep the group -- and kill what is left after ``grace_s``."""
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while True:
+        child.poll()  # reaps the launcher (the ranks' parent is another process by now)
+        if not any(group == child.pid for _, _, group in live_processes()):
+            return
+        if time.monotonic() > deadline:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            return
+        time.sleep(0.2)
