@@ -71,6 +71,9 @@ def test_config_by_name_list_configs_log_level_and_dry_run_help(tmp_path, monkey
         assert os.environ["CMUNET_LOG_LEVEL"] == "WARNING"  # for the jobs it starts
     finally:
         logging.getLogger(LOGGER).setLevel(level)
+        # parse_command set it in this process: left there, every job a later test starts
+        # would log at WARNING (monkeypatch.delenv of an unset variable restores nothing)
+        os.environ.pop("CMUNET_LOG_LEVEL", None)
     with pytest.raises(SystemExit) as stop:
         parse_command(PretrainConfig, "x", ["--list-configs"], kind="pretrain")
     assert stop.value.code == 0
