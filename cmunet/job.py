@@ -48,9 +48,11 @@ def _children() -> list[int]:
 
 
 def _kill_all(group: int) -> None:
-    for pid in [group, *_children()]:
+    """SIGKILL to the command's process group and to every child adopted from it."""
+    kills = [(os.killpg, group), *((os.kill, pid) for pid in _children())]
+    for kill, pid in kills:
         try:
-            os.killpg(pid, signal.SIGKILL) if pid == group else os.kill(pid, signal.SIGKILL)
+            kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
