@@ -22,7 +22,8 @@ from cmunet.study_config import Arm, Cell, StudyConfig, StudyData
 from cmunet.training.finetune import (FinetuneConfig, carve_validation, fit, patients_of,
                                       segmentation_loss, train_epoch, write_history)
 from cmunet.training.semi import (Consistency, UnlabelledConfig, consistency_loss, momentum,
-                                  ramp, refuse_leaks, unlabelled_keys)
+                                  keys_without_copies, ramp, refuse_leaks,
+                                  unlabelled_keys)
 from cmunet.training.tune_config import SearchConfig, TuneConfig, finetune_settings, trial_settings
 from conftest import ROOT
 
@@ -159,6 +160,14 @@ def test_another_shard_set_holding_a_test_image_is_refused(tiny_shards):
     _, patient_of, train, val = split_of(tiny_shards)
     with pytest.raises(ValueError, match="test image"):
         unlabelled_keys(str(tiny_shards), str(tiny_shards), train, val, patient_of)
+
+
+def test_copies_of_validation_images_in_another_set_are_left_out(tiny_shards):
+    _, patient_of, _, val = split_of(tiny_shards)
+    every = set(patient_of)
+    # the set itself as the other set: each validation frame is its own copy, nothing else is
+    assert set(keys_without_copies(str(tiny_shards), str(tiny_shards), val)) == every - set(val)
+    assert set(keys_without_copies(str(tiny_shards), str(tiny_shards), [])) == every
 
 
 # ---- in fit --------------------------------------------------------------------------------------

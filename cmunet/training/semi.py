@@ -36,7 +36,8 @@ from cmunet.data import location
 from cmunet.data.augment import Augment, AugmentConfig
 from cmunet.data.overlap import find_test_images
 from cmunet.data.splits import load_splits, pool_keys
-from cmunet.data.stream import ShardStream, load_manifest
+from cmunet.data.index import SampleIndex
+from cmunet.data.stream import ShardStream
 from cmunet.methods.heads import ema_update
 from cmunet.models.unet import UNet
 from cmunet.training.precision import autocast
@@ -137,16 +138,29 @@ def unlabelled_keys(source: str, shards: str, train_keys: Sequence[str], val_key
                              f"test image(s) of {location.public(shards)} (same source-file "
                              f"SHA-256), e.g. {found[0][0]}: training on it would see the test "
                              "split; shard it again without them")
-        wanted = set(val_keys)
-        val_hashes = {s["sha256"] for s in load_manifest(shards)["samples"]
-                      if s["key"] in wanted and s.get("sha256")}
-        keys = [s["key"] for s in load_manifest(source)["samples"]
-                if s.get("sha256") not in val_hashes]  # copies of validation images left out
+        keys = keys_without_copies(source, shards, val_keys)
         folder = source
     if not keys:
         raise ValueError(f"unlabelled.source={source}: no unlabelled frame is left outside the "
                          "test split, the fine-tuning labels and the validation patients")
     return folder, sorted(keys)
+
+
+def keys_without_copies(source: str, shards: str, val_keys: Sequence[str]) -> list[str]:
+    """The keys of ``source``'s frames that are not a copy (same source-file SHA-256) of a
+    validation frame ``val_keys`` of ``shards``: read from the sample indexes' columns, so an
+    archive-scale ``source`` costs its hash column, not one record per frame."""
+    mine = SampleIndex.open(shards)
+    wanted = mine["sha256"][np.sort(mine.find(sorted(val_keys))[0])]
+    wanted = wanted[wanted.any(axis=1)]  # frames without a recorded hash match nothing
+    theirs = SampleIndex.open(source)
+    hashes = np.asarray(theirs["sha256"])
+    drop = np.zeros(len(theirs), dtype=bool)
+    if len(wanted):
+        first = hashes[:, :8].copy().view("<u8").ravel()  # a cheap filter, then the whole hash
+        for row in np.flatnonzero(np.isin(first, wanted[:, :8].copy().view("<u8").ravel())):
+            drop[row] = bool((wanted == hashes[row]).all(axis=1).any())
+    return theirs.keys_of(np.flatnonzero(~drop))
 
 
 def refuse_leaks(chosen: Collection[str], forbidden: Collection[str], what: str,
