@@ -34,11 +34,17 @@ def find_test_images(shards: str | Path, folder: str | Path) -> list[tuple[str, 
     is that of a test sample of ``shards``."""
     test = split_test_hashes(shards)
     index = SampleIndex.open(folder)
-    wanted = np.array([bytes.fromhex(h) for h in test], dtype="S32")
-    hashes = np.ascontiguousarray(index["sha256"]).view("S32").reshape(-1)
-    ids = np.flatnonzero(np.isin(hashes, wanted)) if len(wanted) else np.zeros(0, np.int64)
+    ids = with_hashes(index, np.array([bytes.fromhex(h) for h in test], dtype="S32"))
     return [(key, test[bytes(index["sha256"][i]).hex()])
             for i, key in zip(ids.tolist(), index.keys_of(ids))]
+
+
+def with_hashes(index: SampleIndex, wanted: np.ndarray) -> np.ndarray:
+    """The ids of the samples of ``index`` whose source SHA-256 is one of ``wanted`` (S32)."""
+    if not len(wanted):
+        return np.zeros(0, np.int64)
+    hashes = np.ascontiguousarray(index["sha256"]).view("S32").reshape(-1)
+    return np.flatnonzero(np.isin(hashes, wanted))
 
 
 def refuse_test_overlap(shards: str | Path, folders: Sequence[str | Path]) -> None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from cmunet.config import check
 from cmunet.data import location
 from cmunet.data.augment import Augment, AugmentConfig
-from cmunet.data.overlap import find_test_images
+from cmunet.data.overlap import find_test_images, with_hashes
 from cmunet.data.splits import load_splits, pool_keys
 from cmunet.data.index import SampleIndex
 from cmunet.data.stream import ShardStream
@@ -151,15 +151,11 @@ def keys_without_copies(source: str, shards: str, val_keys: Sequence[str]) -> li
     validation frame ``val_keys`` of ``shards``: read from the sample indexes' columns, so an
     archive-scale ``source`` costs its hash column, not one record per frame."""
     mine = SampleIndex.open(shards)
-    wanted = mine["sha256"][np.sort(mine.find(sorted(val_keys))[0])]
-    wanted = wanted[wanted.any(axis=1)]  # frames without a recorded hash match nothing
-    theirs = SampleIndex.open(source)
-    hashes = np.asarray(theirs["sha256"])
+    wanted = mine["sha256"][mine.find(val_keys)[0]]
+    wanted = np.ascontiguousarray(wanted[wanted.any(axis=1)]).view("S32").reshape(-1)
+    theirs = SampleIndex.open(source)  # frames without a recorded hash (zeros) match nothing
     drop = np.zeros(len(theirs), dtype=bool)
-    if len(wanted):
-        first = hashes[:, :8].copy().view("<u8").ravel()  # a cheap filter, then the whole hash
-        for row in np.flatnonzero(np.isin(first, wanted[:, :8].copy().view("<u8").ravel())):
-            drop[row] = bool((wanted == hashes[row]).all(axis=1).any())
+    drop[with_hashes(theirs, wanted)] = True
     return theirs.keys_of(np.flatnonzero(~drop))
 
 
