@@ -101,8 +101,8 @@ def test_pools_never_hold_test_frames_and_test_pools_are_refused(tiny_shards, tm
     for pool in SELECTABLE:
         for ratio in splits["ratios"]:
             frames = pool_frames(str(tiny_shards), pool, ratio)
-            assert frames and not {f["key"] for f in frames} & test_keys
-            assert not {f["patient"] for f in frames} & test_patients
+            assert frames.keys and not set(frames.keys) & test_keys
+            assert not set(frames.patients) & test_patients
     for pool in ("test", "all"):
         with pytest.raises(ConfigError, match="holds test-split frames"):
             load_config(SelectConfig, None, [f"data.pool={pool}"])
@@ -121,10 +121,33 @@ def test_pools_never_hold_test_frames_and_test_pools_are_refused(tiny_shards, tm
         pool_frames(str(bad), "finetune", "79-1")
 
 
+def test_the_pool_is_columns_and_only_the_picks_become_records(tiny_shards, tmp_path,
+                                                               monkeypatch):
+    """An archive's pool is never one dict per frame: records are built for the picks only."""
+    from cmunet.data.index import SampleIndex
+
+    asked = []
+    records = SampleIndex.records
+    monkeypatch.setattr(SampleIndex, "records",
+                        lambda self, ids=None: asked.append(len(self) if ids is None
+                                                            else len(ids)) or records(self, ids))
+    pool = pool_frames(str(tiny_shards), "train", "79-1")
+    assert asked == [] and len(pool.keys) == len(pool.patients) == len(pool.ids) > 3
+    assert list(pool.ids) == sorted(pool.ids)  # shard and tar order
+    assert [r["key"] for r in pool.records([2, 0])] == [pool.keys[2], pool.keys[0]]
+    cfg = load_config(SelectConfig, None, [
+        f"data.shards={tiny_shards}", "data.pool=train", "budget=3", "model_width=8",
+        "chunk_size=50", f"out={tmp_path / 'select'}", "tracking.enabled=false"])
+    asked.clear()
+    picks = run_select(cfg, log=lambda _: None)
+    assert len(picks) == 3 and sum(asked) <= 3 + len(picks)  # the picks (+ their drawing)
+    assert all(dict(zip(pool.keys, pool.patients))[p["key"]] == p["patient"] for p in picks)
+
+
 # ---- embeddings: one batch held at a time, chunk files, resumed ------------------------------
 
 def train_keys(shards) -> list[str]:
-    return [f["key"] for f in pool_frames(str(shards), "train", "79-1")]
+    return pool_frames(str(shards), "train", "79-1").keys
 
 
 def watched(log: dict):
@@ -166,8 +189,8 @@ def test_embedding_holds_one_batch_and_streams_the_shards(tiny_shards, tmp_path)
     shutil.copytree(tiny_shards, damaged)
     order = new_log()
     list(watched(order)(str(damaged), keys, 2, 0))
-    last = next(f for f in pool_frames(str(damaged), "train", "79-1")
-                if f["key"] == order["keys"][-1])["shard"]
+    frames = pool_frames(str(damaged), "train", "79-1")
+    [last] = [r["shard"] for r in frames.records([frames.keys.index(order["keys"][-1])])]
     (damaged / last).write_bytes((damaged / last).read_bytes()[:700])
     before = new_log()
     with pytest.raises(location.ReadError, match="truncated or damaged"):
@@ -214,10 +237,11 @@ def test_cmunet_select_writes_picks_and_a_contact_sheet(tiny_shards, tmp_path):
     with (out / "picks.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["rank", "key", "source", "patient", "score"]
-    frames = {f["key"]: f for f in pool_frames(str(tiny_shards), "train", "79-1")}
-    patients = {f["patient"] for f in frames.values()}
+    pool = pool_frames(str(tiny_shards), "train", "79-1")
+    frames = dict(zip(pool.keys, pool.patients))
+    patients = set(frames.values())
     assert [r["rank"] for r in rows] == [str(i) for i in range(1, 9)]
-    assert all(frames[r["key"]]["patient"] == r["patient"] for r in rows)
+    assert all(frames[r["key"]] == r["patient"] for r in rows)
     assert {r["patient"] for r in rows[:len(patients)]} == patients  # all, one each, first
     assert (out / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((out / "embeddings").glob("chunk-*.npz"))) == -(-len(frames) // 7)

@@ -14,14 +14,15 @@ import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cmunet.config import flatten, save_config
 from cmunet.data import location
-from cmunet.data.splits import load_splits, pool_keys
-from cmunet.data.stream import load_manifest
+from cmunet.data.index import SampleIndex
+from cmunet.data.splits import load_splits, pool_ids
 from cmunet.log import logger
 from cmunet.outdir import OutputError, check_out, names_in
 from cmunet.selection.config import SELECTABLE, SelectConfig
@@ -50,7 +51,7 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = LOG.info) -> list
     refuse_foreign(out)
     location.configure(cfg.data.remote)
     frames = pool_frames(cfg.data.shards, cfg.data.pool, cfg.data.ratio)
-    keys, patients = [f["key"] for f in frames], [f["patient"] for f in frames]
+    keys, patients = frames.keys, frames.patients
     encoder, encoder_info = build_encoder(cfg.export, cfg.model_width, cfg.seed, cfg.tracking.uri)
     log(f"pool {cfg.data.pool} of {cfg.data.ratio}: {len(keys)} frames of "
         f"{len(set(patients))} patients; encoder: {encoder_info}")
@@ -67,9 +68,10 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = LOG.info) -> list
         embedded_at = time.perf_counter()
         order, scores = rank(embedded.vectors, cfg.budget, cfg.strategy, cfg.seed, patients,
                              cfg.dims)
-        picks = [{"rank": number, "key": keys[i], "source": source_of(frames[i]),
-                  "patient": patients[i], "score": score}
-                 for number, (i, score) in enumerate(zip(order, scores), start=1)]
+        picks = [{"rank": number, "key": record["key"], "source": source_of(record),
+                  "patient": record["patient"], "score": score}
+                 for number, (record, score) in enumerate(zip(frames.records(order), scores),
+                                                          start=1)]
         summary = {"strategy": cfg.strategy, "budget": cfg.budget, "seed": cfg.seed,
                    "encoder": encoder_info, "pool": cfg.data.pool, "ratio": cfg.data.ratio,
                    "pool_frames": len(keys), "pool_patients": len(set(patients)),
@@ -95,44 +97,50 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = LOG.info) -> list
     return picks
 
 
-def pool_frames(shards: str, pool: str, ratio: str) -> list[dict]:
-    """The records (key, patient, ...) of the frames of the non-test ``pool`` of the shards'
-    splits, in shard and tar order. A test pool, or a pool holding a frame of the test split or
-    of a test patient, is a ValueError."""
+@dataclass(frozen=True)
+class Pool:
+    """The frames of a selection pool as columns, in shard and tar order: their rows of the
+    set's :class:`~cmunet.data.index.SampleIndex` (``ids``), keys and patients. No record per
+    frame is built, so an archive's pool costs a few bytes per frame beyond its keys."""
+    index: SampleIndex
+    ids: np.ndarray
+    keys: list[str]
+    patients: list[str]
+
+    def records(self, rows: list[int]) -> list[dict]:
+        """The manifest records (key, patient, shard, source, ...) of the pool's ``rows``."""
+        return self.index.records(self.ids[np.asarray(rows, dtype=np.int64)])
+
+
+def pool_frames(shards: str, pool: str, ratio: str) -> Pool:
+    """The frames of the non-test ``pool`` of the shards' splits. A test pool, or a pool holding
+    a frame of the test split or of a test patient, is a ValueError."""
     if pool not in SELECTABLE:
         raise ValueError(f"pool {pool!r} cannot be selected from: it is not one of "
                          f"{', '.join(SELECTABLE)} (selection never reads the test split)")
     path = location.join(shards, "splits.json")
     splits = load_splits(path)
-    chosen = set(pool_keys(splits, pool, ratio))
-    if not chosen:
+    index = splits.index
+    ids = pool_ids(splits, pool, ratio)
+    if not len(ids):
         raise ValueError(f"{location.public(path)}: pool {pool} of ratio {ratio} is empty (the "
                          "fine-tuning pools hold labelled frames only; for an archive without "
                          "masks use data.pool=train)")
-    records = sample_records(shards, chosen)
-    if len(records) != len(chosen):
-        raise ValueError(f"{location.public(path)}: {len(chosen) - len(records)} keys of pool "
-                         f"{pool} are not in the shard set: splits and shards disagree")
-    test_patients = set(splits["test"]["patients"])
-    test = chosen & {*pool_keys(splits, "test"), *splits.get("excluded", {}).get("keys", [])}
-    test |= {r["key"] for r in records if r["patient"] in test_patients}
-    if test:
-        raise ValueError(f"{location.public(path)}: pool {pool} holds {len(test)} frames of the "
-                         f"test split or its patients (e.g. {min(test)}); the splits file is "
-                         "inconsistent: rebuild the shards with tools/shard.py")
-    return records
+    test = np.union1d(pool_ids(splits, "test"), _ids_of(index, splits.get("excluded", {})))
+    codes, _ = index.patient_codes(splits["test"]["patients"])
+    forbidden = np.isin(ids, test) | index.of_patients(codes)[ids]
+    if forbidden.any():
+        first = index.keys_of(ids[forbidden][:1])[0]
+        raise ValueError(f"{location.public(path)}: pool {pool} holds {int(forbidden.sum())} "
+                         f"frames of the test split or its patients (e.g. {first}); the splits "
+                         "file is inconsistent: rebuild the shards with tools/shard.py")
+    names = [p.decode() for p in index["patients"]]
+    return Pool(index, ids, index.keys_of(ids), [names[c] for c in index["patient"][ids].tolist()])
 
 
-def sample_records(shards: str, keys: set[str]) -> list[dict]:
-    """The manifest records of the samples ``keys`` that the set holds, in shard and tar order:
-    from manifest.json (format cmunet-shards/1) or from the sample index beside it."""
-    manifest = load_manifest(shards)
-    if "samples" in manifest:
-        return [s for s in manifest["samples"] if s["key"] in keys]
-    from cmunet.data.index import SampleIndex
-
-    index = SampleIndex.open(shards, manifest)
-    return index.records(np.sort(index.find(sorted(keys))[0]))
+def _ids_of(index: SampleIndex, excluded: dict) -> np.ndarray:
+    """The rows of the keys a splits file excludes (those the set holds)."""
+    return index.find(excluded.get("keys", []))[0]
 
 
 def source_of(record: dict) -> str:
