@@ -6,6 +6,7 @@ and the weight reaches the search's grid and a study's arms (on the tiny shards)
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -224,6 +225,12 @@ def test_a_weighted_run_trains_on_unlabelled_frames_and_logs_them(plain, tiny_sh
     write_history(semi.history, tmp_path / "history.csv")
     header = (tmp_path / "history.csv").read_text().splitlines()[0]
     assert header == "epoch,train_loss,val_dice,unlabelled_loss,confident,unlabelled_weight,seconds"
+    # a search's retrained winner records them too (the study's cells read its result.json)
+    from cmunet.training.winner import save_model
+
+    folder = save_model(dataclasses.replace(cfg, out=str(tmp_path / "model")), semi,
+                        {"cv_dice": 0.5}, [*train, *val])
+    assert json.loads((folder / "result.json").read_text())["n_unlabelled"] == semi.n_unlabelled
 
 
 # ---- the search and the study --------------------------------------------------------------------

@@ -22,7 +22,8 @@ def save_model(final: FinetuneConfig, result: FitResult, best: dict, pool: list[
     cv = {k: v for k, v in best.items() if k.startswith(("cv_", "fold"))}
     save_outputs(result, {"width": final.model_width, "init": final.init,
                           "ratio": final.data.ratio, "epochs": final.train.epochs,
-                          "n_train": len(pool), "train_keys": pool, "cv": cv}, final, folder)
+                          "n_train": len(pool), "train_keys": pool,
+                          "n_unlabelled": result.n_unlabelled, "cv": cv}, final, folder)
     return folder
 
 
