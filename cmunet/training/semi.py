@@ -54,7 +54,7 @@ def strong_augment() -> AugmentConfig:
 
 @dataclass
 class UnlabelledConfig:
-    weight: float = 0.0  # weight of the unlabelled consistency loss; 0 = off (default: unmeasured)
+    weight: float = 0.0  # weight of the unlabelled consistency loss; 0 = off (pilot: no gain yet)
     # "pool": the split's non-test frames that are neither fine-tuning labels nor of a validation
     # patient; or another shard set (folder or URL; refused if it holds a test image)
     source: str = "pool"
