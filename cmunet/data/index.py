@@ -178,10 +178,12 @@ class SampleIndex:
         codes = np.unique(self.columns["patient"][samples])
         return [self.columns["patients"][c].decode() for c in codes]
 
-    def patient_names_of(self) -> list[str]:
-        """Each sample's patient, in sample order."""
+    def patient_names_of(self, ids: Sequence[int] | np.ndarray | None = None) -> list[str]:
+        """Each sample's patient (of ``ids``, default all), in their order."""
         names = [p.decode() for p in self.columns["patients"]]
-        return [names[c] for c in self.columns["patient"].tolist()]
+        codes = self.columns["patient"] if ids is None else \
+            self.columns["patient"][np.asarray(ids, dtype=np.int64)]
+        return [names[c] for c in codes.tolist()]
 
     def patient_of(self) -> dict[str, str]:
         """Sample key -> patient, of every sample."""

@@ -126,7 +126,8 @@ def pool_frames(shards: str, pool: str, ratio: str) -> Pool:
         raise ValueError(f"{location.public(path)}: pool {pool} of ratio {ratio} is empty (the "
                          "fine-tuning pools hold labelled frames only; for an archive without "
                          "masks use data.pool=train)")
-    test = np.union1d(pool_ids(splits, "test"), _ids_of(index, splits.get("excluded", {})))
+    excluded = index.find(splits.get("excluded", {}).get("keys", []))[0]
+    test = np.union1d(pool_ids(splits, "test"), excluded)
     codes, _ = index.patient_codes(splits["test"]["patients"])
     forbidden = np.isin(ids, test) | index.of_patients(codes)[ids]
     if forbidden.any():
@@ -134,13 +135,7 @@ def pool_frames(shards: str, pool: str, ratio: str) -> Pool:
         raise ValueError(f"{location.public(path)}: pool {pool} holds {int(forbidden.sum())} "
                          f"frames of the test split or its patients (e.g. {first}); the splits "
                          "file is inconsistent: rebuild the shards with tools/shard.py")
-    names = [p.decode() for p in index["patients"]]
-    return Pool(index, ids, index.keys_of(ids), [names[c] for c in index["patient"][ids].tolist()])
-
-
-def _ids_of(index: SampleIndex, excluded: dict) -> np.ndarray:
-    """The rows of the keys a splits file excludes (those the set holds)."""
-    return index.find(excluded.get("keys", []))[0]
+    return Pool(index, ids, index.keys_of(ids), index.patient_names_of(ids))
 
 
 def source_of(record: dict) -> str:
